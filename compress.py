@@ -1,0 +1,533 @@
+#!/usr/bin/env python3
+"""Build the size-counted artifact ``train_gpt.py`` from ``train_gpt_human.py``.
+
+Pipeline:
+  1. strip: parse with ``ast``; drop docstrings and other bare string statements,
+     drop annotations where that is safe (see ``_Stripper``), re-emit the code with
+     ``ast.unparse`` (comments vanish, whitespace is normalised), then shrink the
+     indentation to one space per level and drop blank lines.  f-string literals are
+     copied verbatim from the input instead of being re-emitted, because
+     ``ast.unparse`` on Python >= 3.12 writes PEP 701 f-strings (nested same quotes)
+     that Python 3.10 cannot parse.  The result is verified to be AST-equal to the
+     stripped tree.
+  2. pack: lzma at the strongest setting (a small grid of container formats and
+     literal/position parameters; the smallest wins) and base85, wrapped in a short
+     stub that decompresses the payload, registers it with ``linecache`` (so
+     ``inspect.getsource`` works for functions, e.g. for Triton kernels) and execs it
+     in the module's own globals (so ``__name__``, ``__file__`` and
+     ``if __name__ == "__main__":`` behave exactly as in the source).
+
+Usage:
+  python3 compress.py            build train_gpt.py and print the sizes
+  python3 compress.py --check    verify train_gpt.py is up to date and Python 3.10 clean
+Options --src/--out select other files (used by the tests).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import base64
+import importlib.util
+import io
+import lzma
+import os
+import subprocess
+import sys
+import tempfile
+import tokenize
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_SRC = HERE / "train_gpt_human.py"
+DEFAULT_OUT = HERE / "train_gpt.py"
+
+# co_filename of the exec'd payload; also its key in linecache.
+PAYLOAD_FILENAME = "train_gpt_payload"
+TARGET_VERSION = (3, 10)
+
+# Decorators known not to look at annotations.  A function carrying any other
+# decorator keeps its annotations (triton.jit needs ``tl.constexpr``,
+# torch.jit.script / torch.library.custom_op / functools.singledispatch read them).
+SAFE_DECORATORS = frozenset({
+    "staticmethod", "classmethod", "property", "setter", "getter", "deleter",
+    "cached_property", "cache", "lru_cache", "wraps", "contextmanager",
+    "no_grad", "inference_mode", "enable_grad", "compile", "disable",
+    "abstractmethod", "override", "final",
+})
+
+_LZMA_PRESET = 9 | lzma.PRESET_EXTREME
+_CODECS = ("b85", "b64", "latin1")
+# Codec used by both the build and --check unless --codec is given ("auto" = b85/b64).
+DEFAULT_CODEC = "auto"
+
+
+# --------------------------------------------------------------------------- strip
+
+def _is_bare_string(stmt: ast.stmt) -> bool:
+    return (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
+            and isinstance(stmt.value.value, str))
+
+
+def _decorator_name(node: ast.expr) -> str | None:
+    if isinstance(node, ast.Call):
+        node = node.func
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if isinstance(node, ast.Name):
+        return node.id
+    return None
+
+
+class _Stripper(ast.NodeTransformer):
+    """Removes docstrings / bare strings and annotations that nothing reads.
+
+    Annotation rules:
+      * function argument and return annotations are dropped, unless the function
+        has a decorator outside SAFE_DECORATORS (then everything is kept);
+      * ``x: T = v`` becomes ``x = v`` and a bare ``x: T`` is dropped, except
+        directly in the body of a class that has a decorator, a base class or a
+        class keyword (dataclasses, NamedTuple, TypedDict, ...), where they stay.
+    """
+
+    def __init__(self) -> None:
+        self._keep_ann = [False]
+
+    def _visit_stmts(self, stmts: list, allow_empty: bool) -> list:
+        out = []
+        for stmt in stmts:
+            if _is_bare_string(stmt):
+                continue
+            res = self.visit(stmt)
+            if res is None:
+                continue
+            if isinstance(res, list):
+                out.extend(res)
+            else:
+                out.append(res)
+        if not out and stmts and not allow_empty:
+            out = [ast.Pass()]
+        return out
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        for field, value in ast.iter_fields(node):
+            if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
+                setattr(node, field, self._visit_stmts(value, allow_empty=(field == "orelse")))
+            elif isinstance(value, list):
+                new = []
+                for item in value:
+                    if isinstance(item, ast.AST):
+                        item = self.visit(item)
+                        if item is None:
+                            continue
+                    new.append(item)
+                setattr(node, field, new)
+            elif isinstance(value, ast.AST):
+                res = self.visit(value)
+                if res is None:
+                    delattr(node, field)
+                else:
+                    setattr(node, field, res)
+        return node
+
+    def _visit_function(self, node):
+        keep = any(_decorator_name(d) not in SAFE_DECORATORS for d in node.decorator_list)
+        if not keep:
+            a = node.args
+            for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
+                if arg is not None:
+                    arg.annotation = None
+            node.returns = None
+        self._keep_ann.append(keep)
+        try:
+            return self.generic_visit(node)
+        finally:
+            self._keep_ann.pop()
+
+    visit_FunctionDef = _visit_function
+    visit_AsyncFunctionDef = _visit_function
+
+    def visit_ClassDef(self, node):
+        keep = bool(node.decorator_list or node.bases or node.keywords)
+        self._keep_ann.append(keep)
+        try:
+            return self.generic_visit(node)
+        finally:
+            self._keep_ann.pop()
+
+    def visit_AnnAssign(self, node):
+        if self._keep_ann[-1]:
+            return self.generic_visit(node)
+        if node.value is None:
+            return None
+        new = ast.Assign(targets=[node.target], value=node.value)
+        return self.generic_visit(ast.copy_location(new, node))
+
+
+def _strip_tree(src: str) -> ast.Module:
+    tree = ast.parse(src)
+    return _Stripper().visit(tree)
+
+
+def _line_offsets(text: str) -> list[int]:
+    offs = [0]
+    for line in text.splitlines(True):
+        offs.append(offs[-1] + len(line))
+    return offs
+
+
+def _normalize_string_segment(seg: str) -> str:
+    """Collapse an (implicitly concatenated) string literal onto one logical unit:
+    keep each literal's text verbatim, drop comments / line breaks between them."""
+    if "\n" not in seg and "#" not in seg and "\\" not in seg:
+        return seg
+    text = "(" + seg + ")"
+    offs = _line_offsets(text)
+    pieces = []
+    depth = 0
+    start = None
+    fs_start = getattr(tokenize, "FSTRING_START", None)
+    fs_end = getattr(tokenize, "FSTRING_END", None)
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        pos = offs[tok.start[0] - 1] + tok.start[1]
+        end = offs[tok.end[0] - 1] + tok.end[1]
+        if fs_start is not None and tok.type == fs_start:
+            if depth == 0:
+                start = pos
+            depth += 1
+        elif fs_end is not None and tok.type == fs_end:
+            depth -= 1
+            if depth == 0:
+                pieces.append(text[start:end])
+        elif depth == 0 and tok.type == tokenize.STRING:
+            pieces.append(text[pos:end])
+    return " ".join(pieces)
+
+
+class _FStringHider(ast.NodeTransformer):
+    """Replace each outermost f-string by a placeholder name (restored verbatim
+    from the source after unparsing)."""
+
+    def __init__(self, src: str) -> None:
+        self.src = src
+        self.repl: dict[str, str] = {}
+
+    def visit_JoinedStr(self, node):
+        seg = ast.get_source_segment(self.src, node)
+        if seg is None:  # pragma: no cover - positions always present from ast.parse
+            return node
+        name = f"QzFs{len(self.repl)}Qz"
+        self.repl[name] = _normalize_string_segment(seg)
+        return ast.copy_location(ast.Name(id=name, ctx=ast.Load()), node)
+
+
+def _multiline_rows(tree: ast.AST) -> set[int]:
+    """1-based rows that lie inside a multi-line literal (must stay untouched)."""
+    rows: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Constant, ast.JoinedStr)):
+            lo, hi = getattr(node, "lineno", None), getattr(node, "end_lineno", None)
+            if lo is not None and hi is not None and hi > lo:
+                rows.update(range(lo + 1, hi + 1))
+    return rows
+
+
+def _shrink_indent(text: str) -> str:
+    rows = _multiline_rows(ast.parse(text))
+    out = []
+    for i, line in enumerate(text.split("\n"), start=1):
+        if i in rows:
+            out.append(line)
+            continue
+        body = line.lstrip(" ")
+        if not body:
+            continue
+        lead = len(line) - len(body)
+        out.append(" " * (lead // 4) + body if lead % 4 == 0 else line)
+    return "\n".join(out) + "\n"
+
+
+def strip_source(src: str) -> str:
+    """Docstrings, comments and (safe) annotations removed; minified; AST-checked."""
+    tree = _strip_tree(src)
+    expected = ast.dump(tree)
+    hider = _FStringHider(src)
+    tree = hider.visit(tree)
+    text = ast.unparse(tree)
+    for name, seg in hider.repl.items():
+        if text.count(name) != 1:
+            raise RuntimeError(f"f-string placeholder {name} clashes with the source")
+        text = text.replace(name, seg)
+    for candidate in (_shrink_indent(text), text + "\n"):
+        try:
+            if ast.dump(ast.parse(candidate)) == expected:
+                return candidate
+        except SyntaxError:
+            pass
+    raise RuntimeError("stripped source does not round-trip to the same AST")
+
+
+# ---------------------------------------------------------------------------- pack
+
+def _lzma_candidates(data: bytes):
+    """(decompress-call template, compressed bytes); template has {} for the blob."""
+    dict_size = 1 << max(12, (len(data) - 1).bit_length())
+    best_alone = None
+    # lp=0 always wins on text; lc=1 equals lc=0 on ASCII, so it is skipped.
+    for lc in (0, 2, 3, 4):
+        for pb in (0, 1, 2):
+            for nice_len in (64, 273):
+                filt = {"id": lzma.FILTER_LZMA1, "preset": _LZMA_PRESET,
+                        "dict_size": dict_size, "lc": lc, "lp": 0, "pb": pb,
+                        "nice_len": nice_len}
+                blob = lzma.compress(data, format=lzma.FORMAT_ALONE, filters=[filt])
+                if best_alone is None or len(blob) < len(best_alone[1]):
+                    best_alone = (filt, blob)
+    filt = dict(best_alone[0], id=lzma.FILTER_LZMA2)
+    yield "lzma.decompress({})", best_alone[1]
+    yield "lzma.decompress({})", lzma.compress(
+        data, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, filters=[filt])
+    yield ("lzma.decompress({},lzma.FORMAT_RAW,None,[{{'id':lzma.FILTER_LZMA2}}])",
+           lzma.compress(data, format=lzma.FORMAT_RAW, filters=[filt]))
+
+
+def _latin1_literal(blob: bytes) -> str:
+    out = ['"']
+    for i, b in enumerate(blob):
+        c = chr(b)
+        if c == "\\":
+            out.append("\\\\")
+        elif c == '"':
+            out.append('\\"')
+        elif c == "\n":
+            out.append("\\n")
+        elif c == "\r":
+            out.append("\\r")
+        elif c == "\0":
+            nxt = blob[i + 1:i + 2]
+            out.append("\\x00" if nxt and nxt in b"01234567" else "\\0")
+        else:
+            out.append(c)
+    out.append('"')
+    return "".join(out)
+
+
+def _encode(blob: bytes, codec: str) -> str:
+    if codec == "b85":
+        return 'base64.b85decode("' + base64.b85encode(blob).decode("ascii") + '")'
+    if codec == "b64":
+        return 'base64.b64decode("' + base64.b64encode(blob).decode("ascii") + '")'
+    if codec == "latin1":
+        return _latin1_literal(blob) + '.encode("l1")'
+    raise ValueError(f"unknown codec {codec!r}")
+
+
+def _stub(call: str, codec: str) -> str:
+    head = "#coding:l1\n" if codec == "latin1" else ""
+    imports = "import lzma,linecache" if codec == "latin1" else "import lzma,base64,linecache"
+    return (head + imports + "\n"
+            "(lambda s,f:(linecache.cache.__setitem__(f,(len(s),None,s.splitlines(1),f)),"
+            'exec(compile(s,f,"exec"),globals())))(' + call + '.decode(),"'
+            + PAYLOAD_FILENAME + '")\n')
+
+
+def build_artifact(src: str, codec: str = "auto", stripped: bool = False) -> str:
+    """Self-extracting artifact for ``src`` (stripped first unless ``stripped``).
+
+    The returned text is meant to be written with latin-1 encoding (it is pure ASCII
+    for the b85/b64 codecs).  ``codec="auto"`` picks the smaller of b85 and b64;
+    ``codec="latin1"`` (opt-in) stores the raw lzma bytes in a latin-1 string literal,
+    about 18% smaller, but the file is then not valid UTF-8 (read it as bytes)."""
+    payload = src if stripped else strip_source(src)
+    data = payload.encode("utf-8")
+    codecs = ("b85", "b64") if codec == "auto" else (codec,)
+    best = None
+    for template, blob in _lzma_candidates(data):
+        for c in codecs:
+            art = _stub(template.format(_encode(blob, c)), c)
+            if best is None or len(art) < len(best):
+                best = art
+    return best
+
+
+def _find_decompress_call(tree: ast.AST) -> ast.Call:
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "decompress" and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "lzma"):
+            return node
+    raise ValueError("not a compress.py artifact (no lzma.decompress call)")
+
+
+def payload_of(artifact: str) -> str:
+    """Recover the payload source from an artifact's text (latin-1 decoded)."""
+    call = _find_decompress_call(ast.parse(artifact))
+    expr = ast.fix_missing_locations(ast.Expression(body=call))
+    ns = {"lzma": lzma, "base64": base64, "__builtins__": {}}
+    data = eval(compile(expr, "<artifact>", "eval"), ns)  # only our own decode call
+    return data.decode("utf-8")
+
+
+# ------------------------------------------------------------------- 3.10 checks
+
+def _pep701_problems(src: str) -> list[str]:
+    """Token-level check for f-string syntax that only Python >= 3.12 accepts
+    (same quote reused inside, backslash or comment in an expression part).  On
+    interpreters < 3.12 such code already fails ``ast.parse``; this covers 3.12+."""
+    fs_start = getattr(tokenize, "FSTRING_START", None)
+    if fs_start is None:
+        return []
+    fs_mid, fs_end = tokenize.FSTRING_MIDDLE, tokenize.FSTRING_END
+    problems, stack = [], []
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(src).readline))
+    except (tokenize.TokenError, SyntaxError) as e:
+        return [f"tokenize failed: {e}"]
+    for tok in tokens:
+        if stack and tok.type not in (fs_mid, fs_end):
+            bad = None
+            if tok.type == tokenize.COMMENT:
+                bad = "comment inside an f-string expression"
+            elif "\\" in tok.string and tok.type in (tokenize.STRING, fs_start):
+                bad = "backslash inside an f-string expression"
+            elif tok.type in (tokenize.STRING, fs_start):
+                for quote in stack:
+                    if quote in tok.string:
+                        bad = f"f-string reuses its enclosing quote {quote}"
+                        break
+            if bad:
+                problems.append(f"line {tok.start[0]}: {bad} (Python 3.12+ only, PEP 701): "
+                                f"{tok.line.strip()[:120]}")
+        if tok.type == fs_start:
+            body = tok.string.lstrip("rRfFbBuU")
+            stack.append(body[:3] if body[:3] in ('"""', "'''") else body[:1])
+        elif tok.type == fs_end and stack:
+            stack.pop()
+    return problems
+
+
+_VERMIN_BOOT = "import sys;from vermin.main import main;sys.exit(main())"
+
+
+def _vermin_problems(src: str) -> list[str]:
+    """Run vermin on ``src``; report parse errors and features needing Python > 3.10.
+
+    Python-2-only verdicts ("!3") are ignored: they are false positives on this kind of
+    code (vermin takes torch's ``tensor.long()`` for Python 2's ``long``)."""
+    if importlib.util.find_spec("vermin") is None:
+        return [f"vermin is not installed for {sys.executable}; "
+                f"install it with: {sys.executable} -m pip install vermin"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "payload.py")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(src)
+        proc = subprocess.run(
+            [sys.executable, "-c", _VERMIN_BOOT, "--format", "parsable",
+             "--target=%d.%d-" % TARGET_VERSION, "--violations", "--no-config-file",
+             "-p=1", path],
+            capture_output=True, text=True, cwd=tmp)
+    problems, seen_summary = [], False
+    for line in proc.stdout.splitlines():
+        if not line.startswith(path + ":"):
+            seen_summary |= line.startswith(":::")
+            continue
+        row, _col, _py2, py3, feature = line[len(path) + 1:].split(":", 4)
+        if not row:
+            continue
+        if feature.startswith("error"):
+            problems.append(f"vermin: line {row}: {feature}")
+        elif py3.startswith("3."):
+            need = tuple(int(x) for x in py3.split(".") if x.isdigit())
+            if need > TARGET_VERSION:
+                problems.append(f"vermin: line {row}: {feature} requires Python {py3}")
+    if not seen_summary:  # exit code 1 just means "target not met"; no summary = crash
+        problems.append(f"vermin failed (exit code {proc.returncode}): "
+                        f"{(proc.stderr or proc.stdout).strip()[-500:]}")
+    return problems
+
+
+def check_py310(src: str) -> list[str]:
+    """Problems that would stop ``src`` from running on Python 3.10 ([] = clean)."""
+    problems = []
+    try:
+        ast.parse(src, feature_version=TARGET_VERSION)
+    except SyntaxError as e:
+        problems.append(f"not valid Python 3.10 syntax: line {e.lineno}: {e.msg}")
+    problems += _pep701_problems(src)
+    problems += _vermin_problems(src)
+    return problems
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def _read_artifact(path: Path) -> str:
+    return path.read_bytes().decode("latin-1")
+
+
+def _build(src_path: Path, out_path: Path, codec: str) -> int:
+    src = src_path.read_text(encoding="utf-8")
+    payload = strip_source(src)
+    art = build_artifact(payload, codec=codec, stripped=True)
+    out_path.write_bytes(art.encode("latin-1"))
+    n_src, n_pay, n_art = len(src.encode("utf-8")), len(payload.encode("utf-8")), len(art)
+    print(f"source bytes: {n_src}")
+    print(f"stripped bytes: {n_pay}")
+    print(f"artifact bytes: {n_art}")
+    for p in check_py310(payload):
+        print(f"WARNING: {p}", file=sys.stderr)
+    return 0
+
+
+def _check(src_path: Path, out_path: Path, codec: str) -> int:
+    fails = []
+    try:
+        src = src_path.read_text(encoding="utf-8")
+        payload = strip_source(src)
+    except FileNotFoundError:
+        print(f"FAIL: source {src_path} not found", file=sys.stderr)
+        return 1
+    except SyntaxError as e:
+        print(f"FAIL: {src_path} does not parse on Python {sys.version.split()[0]}: "
+              f"line {e.lineno}: {e.msg}", file=sys.stderr)
+        return 1
+    want = build_artifact(payload, codec=codec, stripped=True)
+    if not out_path.exists():
+        fails.append(f"{out_path.name} is missing; build it with: python3 compress.py")
+    else:
+        have = _read_artifact(out_path)
+        if have != want:
+            try:
+                same_payload = payload_of(have) == payload
+            except Exception:
+                same_payload = False
+            if same_payload:
+                fails.append(f"{out_path.name} has the current payload but different bytes "
+                             "(built with another Python/liblzma/codec?); rebuild with: "
+                             "python3 compress.py")
+            else:
+                fails.append(f"{out_path.name} is stale (differs from {src_path.name}); "
+                             "rebuild with: python3 compress.py")
+    fails += [f"payload: {p}" for p in check_py310(payload)]
+    if fails:
+        for f in fails:
+            print(f"FAIL: {f}", file=sys.stderr)
+        return 1
+    print(f"ok: {out_path.name} in sync, {len(want)} bytes, Python 3.10 clean")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="build / check the compressed train_gpt.py")
+    ap.add_argument("--src", type=Path, default=DEFAULT_SRC)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--check", action="store_true",
+                    help="fail if --out is stale or the payload is not Python 3.10 clean")
+    ap.add_argument("--codec", choices=("auto",) + _CODECS, default=DEFAULT_CODEC,
+                    help="blob encoding (auto = smallest of b85/b64; latin1 is opt-in)")
+    args = ap.parse_args(argv)
+    if args.check:
+        return _check(args.src, args.out, args.codec)
+    return _build(args.src, args.out, args.codec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

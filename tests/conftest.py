@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny shards built from ../shared with the real tokenizer, and a tiny CPU config."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+TOKENIZER_1024 = SHARED / "tokenizers" / "fineweb_1024_bpe.model"
+TOKENIZER_8192 = SHARED / "tokenizers" / "fineweb_8192_bpe.model"
+CORPUS = SHARED / "corpus" / "docs_en.jsonl.xz"
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "data"))
+
+TINY_ENV = {
+    "DEVICE": "cpu", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "2",
+    "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "2048", "GRAD_ACCUM_STEPS": "1",
+    "ITERATIONS": "40", "WARMUP_STEPS": "0", "WARMDOWN_ITERS": "10", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "10",
+    "EVAL_STRIDE": "64", "EVAL_BATCH_SEQS": "16", "MAX_WALLCLOCK_SECONDS": "0", "ENGRAM_BUCKETS": "256", "VE_DIM": "16",
+    "EMA_DECAY": "0.9", "MUON_MOMENTUM_WARMUP_STEPS": "10", "GPTQ_CALIB_BATCHES": "4", "VAL_MAX_TOKENS": "8193",
+    "TTT_CHUNK_TOKENS": "2048", "TTT_BATCH_SEQS": "8", "TARGET_BYTES": "2000000", "COMPILE": "0",
+}
+
+
+def require_shared():
+    if not (TOKENIZER_1024.exists() and CORPUS.exists()):
+        pytest.skip(f"needs the shared corpus and tokenizers at {SHARED} (absent here)")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Shards from the first 300 documents of the shared corpus (40 validation docs), sp1024."""
+    require_shared()
+    import fineweb
+
+    out = tmp_path_factory.mktemp("tiny_data")
+    fineweb.build_shards(CORPUS, TOKENIZER_1024, out, val_docs=40, max_docs=300)
+    return out
+
+
+@pytest.fixture
+def tiny_env(tiny_data, tmp_path):
+    """Environment for a tiny CPU run; logs land under tmp_path."""
+    env = {k: v for k, v in os.environ.items() if k not in TINY_ENV}
+    env.update(TINY_ENV, DATA_PATH=str(tiny_data), TOKENIZER_PATH=str(TOKENIZER_1024), RUN_ID="tiny",
+               PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return env
+
+
+def run_script(script, env, cwd, nproc=1, timeout=600):
+    """Runs a training script as one process or under torchrun; returns (returncode, stdout+stderr)."""
+    cmd = [sys.executable, str(script)] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def final_metric(output, name):
+    """(val_loss, val_bpb) from a `name val_loss:X val_bpb:Y` line."""
+    for line in output.splitlines():
+        if line.startswith(name + " "):
+            fields = dict(f.split(":", 1) for f in line.split()[1:] if ":" in f)
+            return float(fields["val_loss"]), float(fields["val_bpb"])
+    raise AssertionError(f"no {name} line in output:\n{output[-3000:]}")

@@ -464,7 +464,7 @@ def _fmt(v, name=""):
     if isinstance(v, float) and math.isnan(v):
         return "nan"
     if name in ("seed", "steps", "bytes_total"):
-        return str(int(v))
+        return str(int(v)) if float(v).is_integer() else f"{v:.1f}"
     if name.endswith(("_bpb", "_loss")):
         return f"{v:.5f}"
     if isinstance(v, float):

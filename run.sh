@@ -139,6 +139,9 @@ smoke() {
     export_default TRAIN_SEQ_LEN 128
     export_default EVAL_SEQ_LEN 128
     export_default TRAIN_BATCH_TOKENS 4096
+    export_default GRAD_ACCUM_STEPS 1
+    export_default EMA_DECAY 0.9
+    export_default TRAIN_LOG_EVERY 10
     export_default ITERATIONS 60
     export_default WARMUP_STEPS 2
     export_default WARMDOWN_ITERS 20

@@ -230,11 +230,13 @@ def load_shard(path, vocab_size):
     if os.path.getsize(path) != expected:
         raise ConfigError(f"{path}: size {os.path.getsize(path)} != {expected} bytes for {n_tokens} tokens "
                           f"(truncated or corrupt); download it again")
+    if n_tokens == 0:
+        raise ConfigError(f"{path}: shard holds no tokens; rebuild it with data/fineweb.py")
     tokens = np.fromfile(path, dtype="<u2", count=n_tokens, offset=HEADER_INTS * 4)
-    if n_tokens and int(tokens.max()) >= vocab_size:
+    if int(tokens.max()) >= vocab_size:
         raise ConfigError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; "
                           f"the shards and VOCAB_SIZE/TOKENIZER_PATH do not match")
-    return torch.from_numpy(tokens.astype(np.int64))
+    return torch.from_numpy(tokens.astype(np.int32))  # int32 halves host memory; batches are cast to int64
 
 
 def shard_files(data_path, split):
@@ -274,12 +276,12 @@ class DistributedTokenLoader:
     def next_batch(self, global_tokens, seq_len, grad_accum_steps):
         span = global_tokens // (self.world_size * grad_accum_steps) + 1
         chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
-        chunk = chunk.to(self.device, non_blocking=True)
+        chunk = chunk.to(self.device, non_blocking=True).long()
         return chunk[:-1].reshape(-1, seq_len), chunk[1:].reshape(-1, seq_len)
 
 
 def load_val_tokens(hp):
-    tokens = torch.cat([load_shard(f, hp.vocab_size) for f in shard_files(hp.data_path, "val")])
+    tokens = torch.cat([load_shard(f, hp.vocab_size) for f in shard_files(hp.data_path, "val")]).long()
     if hp.val_max_tokens:
         tokens = tokens[:hp.val_max_tokens]
     if len(tokens) < 2:
@@ -429,7 +431,7 @@ class Block(nn.Module):
             v = v + self.ve_scale.to(v.dtype) * ve.view_as(v)
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[:, None]
         k = self.rotary(rms_norm(k))
-        y = attention(q, k, v)
+        y = attention(q.to(v.dtype), k.to(v.dtype), v)  # autocast may leave the normed q, k in fp32
         if self.use_xsa:  # exclusive self-attention: drop the component along the token's own value
             group = self.num_heads // self.num_kv_heads
             y = y.view(B, T, self.num_kv_heads, group, self.head_dim)
@@ -628,8 +630,9 @@ class Optimizers:
     """Muon for matrices plus a torch optimizer for everything else, stepped together with one exact global
     gradient-norm clip (computed from the reduce-scattered shards, so it matches a single-process run)."""
 
-    def __init__(self, muon, other, max_grad_norm, world_size):
+    def __init__(self, muon, other, max_grad_norm, world_size, device):
         self.muon, self.other, self.max_grad_norm, self.world_size = muon, other, max_grad_norm, world_size
+        self.device = device
         for group in other.param_groups:
             group["base_lr"] = group["lr"]
 
@@ -645,7 +648,7 @@ class Optimizers:
         for _, handle in shards:
             if handle is not None:
                 handle.wait()
-        sq = sum(g.float().square().sum() for g, _ in shards)
+        sq = sum((g.float().square().sum() for g, _ in shards), torch.zeros((), device=self.device))
         if self.world_size > 1:
             dist.all_reduce(sq)  # shards are disjoint, so their squares add up to the full norm
         if flat is not None:
@@ -690,7 +693,7 @@ def build_optimizers(model, hp, world_size):
         [{"params": tables, "lr": hp.tied_embed_lr, "betas": (hp.embed_beta1, hp.adam_beta2)},
          {"params": scalars, "lr": hp.scalar_lr, "betas": (hp.adam_beta1, hp.adam_beta2)}],
         eps=hp.adam_eps, weight_decay=hp.adam_wd)
-    return Optimizers(muon, adam, hp.grad_clip_norm, world_size)
+    return Optimizers(muon, adam, hp.grad_clip_norm, world_size, model.qo.device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -806,7 +809,7 @@ def train(model, hp, rt, val_tokens, luts):
         if hp.val_loss_every and (step % hp.val_loss_every == 0 or last):
             rt.sync()
             train_ms += 1000 * (time.perf_counter() - t0)
-            loss, bpb = eval_full(model, val_tokens, hp, rt, luts)
+            loss, bpb = eval_full(step_model, val_tokens, hp, rt, luts)
             rt.log(f"step:{step}/{hp.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{train_ms:.0f}ms "
                    f"step_avg:{train_ms / max(step, 1):.2f}ms")
             t0 = time.perf_counter()
@@ -1267,7 +1270,7 @@ def build_ttt_optimizers(model, hp, world_size):
         p.requires_grad_(id(p) not in frozen)
     muon = Muon(matrices, hp.ttt_lr, hp.ttt_momentum, 0.0, hp.muon_backend_steps, world_size)
     sgd = torch.optim.SGD(rest, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
-    return Optimizers(muon, sgd, hp.ttt_grad_clip, world_size)
+    return Optimizers(muon, sgd, hp.ttt_grad_clip, world_size, model.qo.device)
 
 
 def freeze_bank_rows(model, n):
@@ -1291,12 +1294,14 @@ def adapt_on_chunk(model, opt, tokens, begin, end, epochs, lr_scale, hp, rt):
             batch = starts[b:b + hp.ttt_batch_seqs]
             n_global = sum(min(s + L, end) - s for s in batch)
             mine = batch[rt.rank::rt.world_size]
-            loss_sum = torch.zeros((), device=rt.device)
-            for s in mine:  # sequences may differ in length at the chunk's end, so one at a time when ragged
-                seq = tokens[s:min(s + L, end) + 1].to(rt.device)[None]
+            full = [s for s in mine if s + L <= end]
+            for group in (full, [s for s in mine if s + L > end]):  # a chunk's ragged tail trains on its own
+                if not group:
+                    continue
+                seqs = torch.stack([tokens[s:min(s + L, end) + 1] for s in group]).to(rt.device)
                 with rt.autocast():
-                    loss_sum = loss_sum + model(seq[:, :-1], seq[:, 1:], reduction="none").float().sum()
-            if mine:  # ranks average gradients, so scale each rank's sum to make the result the global mean
+                    loss_sum = model(seqs[:, :-1], seqs[:, 1:], reduction="none").float().sum()
+                # ranks average gradients, so scale each rank's sum to make the result the global mean
                 (loss_sum * rt.world_size / n_global).backward()
             if hp.ttt_freeze_blocks:
                 freeze_bank_rows(model, hp.ttt_freeze_blocks)

@@ -1,0 +1,74 @@
+"""The submitted artifact: in sync with the readable script, identical behaviour, the whole pipeline via run.sh,
+and the README's settings table matching the script."""
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CORPUS, REPO, TOKENIZER_1024, final_metric, require_shared, run_script
+
+import train_gpt_human as tg
+
+
+def test_committed_artifact_in_sync_and_py310_clean():
+    proc = subprocess.run([sys.executable, "compress.py", "--check"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def metric_lines(output):
+    keep = ("step:", "final_", "quant:", "Serialized", "Total submission")
+    return [l for l in output.splitlines() if l.startswith(keep) and "train_time" not in l and "eval_time" not in l] + [
+        l.split(" train_time")[0] for l in output.splitlines() if l.startswith("step:")]
+
+
+@pytest.mark.slow
+def test_artifact_prints_the_same_losses_as_the_readable_script(tiny_env, tmp_path):
+    env = dict(tiny_env, ITERATIONS="12", TRAIN_LOG_EVERY="3", TTT_ENABLED="0", GPTQ_CALIB_BATCHES="2")
+    outputs = []
+    for script in ("train_gpt_human.py", "train_gpt.py"):
+        cwd = tmp_path / script
+        cwd.mkdir()
+        rc, out = run_script(REPO / script, env, cwd)
+        assert rc == 0, out[-3000:]
+        outputs.append(metric_lines(out))
+    assert len(outputs[0]) > 8
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.slow
+def test_smoke_run_sh_runs_the_whole_pipeline(tmp_path):
+    require_shared()
+    work = tmp_path / "repo"
+    (work / "data").mkdir(parents=True)
+    for name in ("run.sh", "train_gpt.py", "train_gpt_human.py", "requirements.txt"):
+        shutil.copy(REPO / name, work / name)
+    shutil.copy(REPO / "data" / "fineweb.py", work / "data" / "fineweb.py")
+    env = dict(os.environ, SMOKE="1", SMOKE_DOCS=str(CORPUS), SMOKE_TOKENIZER=str(TOKENIZER_1024), SMOKE_MAX_DOCS="120",
+               SMOKE_VAL_DOCS="20", ITERATIONS="12", VAL_MAX_TOKENS="8193", TTT_CHUNK_TOKENS="2048",
+               GPTQ_CALIB_BATCHES="2", OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "run.sh"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    pre = final_metric(out, "final_prequant_exact")
+    for name in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "final_int6_ttt_exact"):
+        loss, bpb = final_metric(out, name)
+        assert abs(bpb - pre[1]) < 0.2 * pre[1], (name, bpb, pre)
+    total = int(re.search(r"Total submission size int6\+\w+: (\d+) bytes", out).group(1))
+    assert 0 < total <= 16_000_000
+
+
+def test_readme_settings_table_matches_the_script():
+    readme = (REPO / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([A-Z0-9_]+)` \| ([^|]+) \|", readme, flags=re.M))
+    fields = {f.name.upper(): f.default for f in dataclasses.fields(tg.Hyperparameters)}
+    assert set(rows) == set(fields), (set(rows) ^ set(fields))
+    for name, default in fields.items():
+        shown = rows[name].strip()
+        if shown.startswith("`"):
+            assert shown.strip("`") == str(default), (name, shown, default)
+        else:  # prose default ("auto", "empty", ...) only for empty-string or computed defaults
+            assert default in ("", 0) or name in ("RUN_ID",), (name, shown, default)

@@ -15,7 +15,7 @@
 #                         (a RUN_ID given in ENV_PASS is used when RUN_ID is unset)
 #   SKIP_PIP=1            skip "pip install -r requirements.txt"
 #   REMOTE_PIP=pip        pip command on the remote (e.g. "python3 -m pip")
-#   FINAL_RE=regex        awk regex of the run's final line; default: the quantized TTT
+#   FINAL_RE=regex        extended regex (no '/') of the run's final line; default: the quantized TTT
 #                         line, or the quantized sliding-window line when ENV_PASS has
 #                         TTT_ENABLED=0
 #   FINAL_WAIT=120        seconds to wait for the process to exit after the final line
@@ -92,7 +92,9 @@ RUN_ID=${RUN_ID:-${pass_run_id:-seed${SEED_ARG}_$(date +%Y%m%d_%H%M%S)}}
 [[ $RUN_ID =~ ^[A-Za-z0-9._-]+$ ]] || die "RUN_ID '$RUN_ID' may only contain letters, digits, _ . -"
 env_pairs+=("SEED=$SEED_ARG" "RUN_ID=$RUN_ID")
 
-if [[ -z ${FINAL_RE:-} ]]; then
+if [[ -n ${FINAL_RE:-} ]]; then
+    [[ $FINAL_RE != */* ]] || die "FINAL_RE may not contain '/'"
+else
     if ((ttt_off)); then
         FINAL_RE='^final_[A-Za-z]+[0-9]+_sliding_window_exact '
     else
@@ -158,12 +160,18 @@ log "run.sh started on $HOST, pid $REMOTE_PID; output -> $REMOTE_DIR/$OUT_REL"
 mkdir -p "$LOCAL_LOG_DIR"
 LOCAL_OUT="$LOCAL_LOG_DIR/$RUN_ID.stdout.txt"
 : >"$LOCAL_OUT"
-FRE_Q=$(sq "$FINAL_RE")
+FRE_Q=$(sq "/$FINAL_RE/q")
 attempt=0
 while :; do
     offset=$(wc -c <"$LOCAL_OUT" | tr -d '[:space:]')
-    follow_cmd="cd $RD && tail -s $TAIL_SLEEP -c +$((offset + 1)) --pid=$REMOTE_PID -f $OUT_REL | \
-awk -v re=$FRE_Q '{ print; fflush() } \$0 ~ re { exit 0 }'"
+    # tail feeds sed through a fifo so that sed stopping at the final line can
+    # stop tail too (a plain pipe would keep tail, and ssh, alive until the
+    # process exits); tail stops on its own when the process exits.  sed -u
+    # reads line by line (awk may be mawk, which waits to fill its buffer).
+    follow_cmd="cd $RD || exit 1; fifo=logs/.$RUN_ID.follow.\$\$; rm -f \$fifo; mkfifo \$fifo || exit 1; \
+tail -s $TAIL_SLEEP -c +$((offset + 1)) --pid=$REMOTE_PID -f $OUT_REL > \$fifo 2>/dev/null < /dev/null & tp=\$!; \
+sed -u -E $FRE_Q < \$fifo; st=\$?; \
+kill \$tp 2>/dev/null; rm -f \$fifo; exit \$st"
     set +e
     rssh "$follow_cmd" | tee -a "$LOCAL_OUT"
     rc=${PIPESTATUS[0]}
@@ -179,11 +187,10 @@ awk -v re=$FRE_Q '{ print; fflush() } \$0 ~ re { exit 0 }'"
 done
 
 # Give the process a moment to finish writing logs after its final line.
-rssh "i=0; while kill -0 $REMOTE_PID 2>/dev/null && [ \$i -lt $FINAL_WAIT ]; do sleep 1; i=\$((i+1)); done; \
-if kill -0 $REMOTE_PID 2>/dev/null; then echo running; fi" >"$LOCAL_LOG_DIR/.$RUN_ID.state" 2>/dev/null || true
+state=$(rssh "i=0; while kill -0 $REMOTE_PID 2>/dev/null && [ \$i -lt $FINAL_WAIT ]; do sleep 1; i=\$((i+1)); done; \
+if kill -0 $REMOTE_PID 2>/dev/null; then echo running; else echo exited; fi" 2>/dev/null || true)
 still_running=0
-grep -q running "$LOCAL_LOG_DIR/.$RUN_ID.state" 2>/dev/null && still_running=1
-rm -f "$LOCAL_LOG_DIR/.$RUN_ID.state"
+[[ $state == *running* ]] && still_running=1
 
 # ---- 5. copy logs back -----------------------------------------------------
 rscp "$HOST:$REMOTE_DIR/$OUT_REL" "$LOCAL_LOG_DIR/" || log "could not copy $OUT_REL (kept the followed copy)"
@@ -197,7 +204,7 @@ run_exit=$(printf '%s' "$run_exit" | tr -d '[:space:]')
 
 final_seen=0
 for f in "$LOCAL_LOG_DIR/$RUN_ID.txt" "$LOCAL_OUT"; do
-    [[ -f $f ]] && awk -v re="$FINAL_RE" '$0 ~ re { found = 1 } END { exit !found }' "$f" && final_seen=1
+    [[ -f $f ]] && grep -Eq -- "$FINAL_RE" "$f" && final_seen=1
 done
 if ((still_running)); then
     log "WARNING: run.sh (pid $REMOTE_PID) is still running on $HOST after the final line"

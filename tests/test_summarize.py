@@ -393,12 +393,28 @@ def test_top_level_submission_json_is_placeholder():
 
 
 def test_real_logs_parse():
-    """Real logs in the repo's logs/ (from tiny runs) must parse; skipped when there are none."""
-    logs = [p for p in sorted((REPO / "logs").glob("*.txt"))
-            if not p.name.endswith(".stdout.txt") and "final_" in p.read_text(errors="replace")]
+    """Real logs under the repo's logs/ (e.g. tiny CPU runs) must parse; skipped when there are none."""
+    logs = [p for p in sorted((REPO / "logs").rglob("*.txt"))
+            if not p.name.endswith(".stdout.txt") and "\nfinal_" in p.read_text(errors="replace")]
     if not logs:
-        pytest.skip("no run logs with final lines in logs/")
-    for p in logs:
-        r = sl.parse_log(p)
+        pytest.skip("no run logs with final lines under logs/")
+    runs = [sl.parse_log(p) for p in logs]
+    for p, r in zip(logs, runs):
         assert r["seed"] is not None, p
-        assert r["finals"], p
+        assert r["steps"] and r["train_s"] is not None, p
+        assert r["finals"].get("prequant"), p
+        if r["score_kind"]:
+            assert r["bytes_total"], p
+    s = sl.summarize(runs, baseline_loss=100.0)
+    assert s["n_runs"] == len(runs)
+
+
+def test_training_done_and_eval_phase_lines(tmp_path):
+    p = write_log(tmp_path / "e.txt", 3, stop_early=False, steps=300, train_ms=30_000)
+    with open(p, "a") as fh:
+        fh.write("eval_phase_time:13.9s\n")
+    text = p.read_text().replace("peak memory", "training_done steps:300 train_time:30123ms\npeak memory")
+    p.write_text(text)
+    r = sl.parse_log(p)
+    assert r["steps"] == 300 and r["train_s"] == pytest.approx(30.123)
+    assert r["eval_s"] == pytest.approx(13.9)

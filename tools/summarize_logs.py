@@ -178,6 +178,8 @@ _RE_PARAMS = re.compile(r"^model_params:(\d+)")
 _RE_STEP = re.compile(r"^step:(\d+)/(\d+)\s+(.*)$")
 _RE_KV = re.compile(r"(\w+):(" + _NUM + r")(ms)?(?=\s|$)")
 _RE_STOP = re.compile(r"^stopping_early:\s*(\S+)\s+train_time:(\d+(?:\.\d+)?)ms\s+step:(\d+)/(\d+)")
+_RE_DONE = re.compile(r"^training_done\s+steps:(\d+)\s+train_time:(\d+(?:\.\d+)?)ms")
+_RE_EVAL_PHASE = re.compile(r"^eval_phase_time:(\d+(?:\.\d+)?)s")
 _RE_PEAK = re.compile(r"^peak memory allocated:\s*(\d+)\s*MiB\s+reserved:\s*(\d+)\s*MiB")
 _RE_FINAL = re.compile(r"^final_(\w+?)_exact\s+val_loss:(" + _NUM + r")\s+val_bpb:(" + _NUM + r")(.*)$")
 _RE_SERIAL = re.compile(r"^Serialized model(?:\s+(\S+))?:\s*(\d+)\s*bytes")
@@ -218,7 +220,8 @@ def parse_log(path) -> dict:
     steps, iterations, step_avg_ms, train_time_ms, train_s, stopped_early,
     peak_mem_mib, train_curve [(step, train_loss)], val_curve [(step, val_loss, val_bpb)],
     finals {stage: {val_loss, val_bpb, eval_time_ms?, chunks_adapted?, quant?}},
-    quant, bytes_model, bytes_code, bytes_total, eval_s, and the score fields
+    quant, bytes_model, bytes_code, bytes_total, eval_phase_s, eval_s (eval_phase_time
+    if logged, else the sum of the final lines' eval_time), and the score fields
     score_kind / val_loss / val_bpb (best of ttt > sliding > roundtrip, None if absent).
     Lines that do not match the format (e.g. a code dump) are ignored.
     """
@@ -244,6 +247,7 @@ def parse_log(path) -> dict:
         "bytes_model": None,
         "bytes_code": None,
         "bytes_total": None,
+        "eval_phase_s": None,
     }
     last_step = None
     with open(path, "r", encoding="utf-8", errors="replace") as fh:
@@ -290,6 +294,15 @@ def parse_log(path) -> dict:
                 run["steps"] = int(m.group(3))
                 run["iterations"] = int(m.group(4))
                 continue
+            m = _RE_DONE.match(line)
+            if m:
+                run["steps"] = int(m.group(1))
+                run["train_time_ms"] = float(m.group(2))
+                continue
+            m = _RE_EVAL_PHASE.match(line)
+            if m:
+                run["eval_phase_s"] = float(m.group(1))
+                continue
             m = _RE_PEAK.match(line)
             if m:
                 run["peak_mem_mib"] = int(m.group(1))
@@ -325,7 +338,11 @@ def parse_log(path) -> dict:
         run["steps"] = last_step
     run["train_s"] = None if run["train_time_ms"] is None else run["train_time_ms"] / 1000.0
     eval_ms = [f["eval_time_ms"] for f in run["finals"].values() if "eval_time_ms" in f]
-    run["eval_s"] = sum(eval_ms) / 1000.0 if eval_ms else None
+    # whole eval phase when the log reports it, else the sum of the final lines' eval_time
+    if run["eval_phase_s"] is not None:
+        run["eval_s"] = run["eval_phase_s"]
+    else:
+        run["eval_s"] = sum(eval_ms) / 1000.0 if eval_ms else None
     kind = next((k for k in SCORE_KINDS if k in run["finals"]), None)
     run["score_kind"] = kind
     run["val_loss"] = run["finals"][kind]["val_loss"] if kind else None

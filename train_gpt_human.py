@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import glob
 import hashlib
-import io
 import lzma
 import math
 import os
@@ -170,6 +169,9 @@ class Hyperparameters:
             raise ConfigError(f"MODEL_DIM={self.model_dim} must split into NUM_HEADS={self.num_heads} even-sized heads")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"NUM_HEADS={self.num_heads} must be a multiple of NUM_KV_HEADS={self.num_kv_heads}")
+        if self.eval_stride > self.eval_seq_len:  # a window scores at most EVAL_SEQ_LEN predictions
+            raise ConfigError(f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}, "
+                              f"or predictions between windows would go unscored")
         if self.rope_dims % 2 or self.rope_dims > head_dim:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {head_dim}")
         if not 2 <= self.quant_base_bits <= self.quant_max_bits <= 8:
@@ -178,6 +180,13 @@ class Hyperparameters:
             raise ConfigError(f"TTT_OPTIMIZER must be 'muon' or 'sgd', got {self.ttt_optimizer!r}")
         if self.device not in ("", "cpu", "cuda"):
             raise ConfigError(f"DEVICE must be 'cpu' or 'cuda', got {self.device!r}")
+        for f in dataclasses.fields(self):
+            if isinstance(f.default, float) and not math.isfinite(getattr(self, f.name)):
+                raise ConfigError(f"{f.name.upper()} must be a finite number, got {getattr(self, f.name)}")
+        for name in ["matrix_lr", "tied_embed_lr", "scalar_lr", "ttt_lr", "muon_wd", "adam_wd", "grad_clip_norm",
+                     "ttt_grad_clip", "eval_budget_seconds", "gptq_reserve_ms", "gptq_damp", "alloc_overshoot"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
         for name in ["ema_decay", "swa_start_scale", "ttt_polyak_decay", "qat_threshold", "lr_floor"]:
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name.upper()} must be in [0, 1], got {getattr(self, name)}")
@@ -789,13 +798,16 @@ def train(model, hp, rt, val_tokens, luts):
     rt.log(f"world_size:{rt.world_size} grad_accum_steps:{accum} device:{rt.device.type}")
     use_compile = hp.compile if hp.compile >= 0 else int(rt.is_cuda)
     step_model = torch.compile(model, dynamic=False) if use_compile else model
+    BankLinear.qat_bits, BankLinear.qat_alpha = hp.quant_base_bits, torch.ones((), device=rt.device)
     opt = build_optimizers(model, hp, rt.world_size)
     files = shard_files(hp.data_path, "train")
     if hp.warmup_steps:  # compile/warm-up steps; the model and optimizer state are restored afterwards
         saved = copy.deepcopy(model.state_dict()), opt.state_dict()
         loader = DistributedTokenLoader(files, hp.vocab_size, rt.rank, rt.world_size, rt.device)
-        for _ in range(hp.warmup_steps):
+        for i in range(hp.warmup_steps):  # the last one runs with late QAT on, so its graph is compiled untimed
+            BankLinear.qat_enabled = hp.qat_threshold > 0 and i == hp.warmup_steps - 1
             train_step(step_model, opt, loader, hp, rt, accum, 1.0)
+        BankLinear.qat_enabled = False
         model.load_state_dict(saved[0])
         opt.load_state_dict(saved[1])
     loader = DistributedTokenLoader(files, hp.vocab_size, rt.rank, rt.world_size, rt.device)
@@ -824,7 +836,7 @@ def train(model, hp, rt, val_tokens, luts):
         averager.update(model, step, scale)
         step += 1
         if step % hp.train_log_every == 0 or step == hp.iterations:
-            loss_value = loss.item()
+            loss_value = all_sum(rt, loss).item() / rt.world_size
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"non-finite train loss {loss_value} at step {step} (last good loss "
                                          f"{last_loss:.4f}); lower the learning rates or check the data")
@@ -860,8 +872,7 @@ def set_late_qat(hp, rt, scale, step):
     progress = (hp.qat_threshold - scale) / max(hp.qat_threshold - hp.lr_floor, 1e-9)
     if not BankLinear.qat_enabled:
         rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f} bits:{hp.quant_base_bits}")
-        BankLinear.qat_enabled, BankLinear.qat_bits = True, hp.quant_base_bits
-        BankLinear.qat_alpha = torch.ones((), device=rt.device)
+        BankLinear.qat_enabled = True
     BankLinear.qat_alpha.fill_(1.0 + 15.0 * min(progress, 1.0))
 
 

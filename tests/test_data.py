@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import lzma
 import subprocess
 import sys
 from pathlib import Path
@@ -36,13 +35,7 @@ def need_shared():
 
 
 def first_docs(n):
-    out = []
-    with lzma.open(CORPUS, "rt", encoding="utf-8") as f:
-        for line in f:
-            out.append(json.loads(line)["text"])
-            if len(out) == n:
-                break
-    return out
+    return list(fw.iter_docs(CORPUS, max_docs=n))
 
 
 # ----------------------------------------------------------------------------- shard format

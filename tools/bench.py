@@ -36,7 +36,6 @@ import dataclasses
 import datetime
 import glob
 import json
-import math
 import os
 import platform
 import resource

@@ -29,6 +29,17 @@ def require_shared():
         pytest.skip(f"needs the shared corpus and tokenizers at {SHARED} (absent here)")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """In-process torch work on one thread: steadier on a shared 2-core machine."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """Shards from the first 300 documents of the shared corpus (40 validation docs), sp1024."""

@@ -120,6 +120,7 @@ class Hyperparameters:
     load_snapshot: str = ""
     # evaluation and test-time training
     eval_float_sliding: int = 0
+    eval_int6_sliding: int = -1  # -1 = only when TTT is off (TTT's own scoring is a sliding-window pass)
     ttt_enabled: int = 1
     ttt_optimizer: str = "muon"
     ttt_lr: float = 0.02
@@ -1496,10 +1497,11 @@ def run_eval_phase(artifact_path, val_tokens, hp, rt, luts):
     scorer = torch.compile(model, dynamic=False) if (hp.compile if hp.compile >= 0 else rt.is_cuda) else model
     loss, bpb = eval_full(scorer, val_tokens, hp, rt, luts)
     rt.log(f"final_int6_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-    t0 = time.perf_counter()
-    loss, bpb = eval_sliding(scorer, val_tokens, hp, rt, luts)
-    rt.log(f"final_int6_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{hp.eval_stride} "
-           f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    if hp.eval_int6_sliding > 0 or (hp.eval_int6_sliding < 0 and not hp.ttt_enabled):
+        t0 = time.perf_counter()
+        loss, bpb = eval_sliding(scorer, val_tokens, hp, rt, luts)
+        rt.log(f"final_int6_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{hp.eval_stride} "
+               f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
     if hp.ttt_enabled:
         t0 = time.perf_counter()
         loss, bpb, adapted, n_chunks = eval_ttt(scorer, val_tokens, hp, rt, luts, eval_start)

@@ -49,7 +49,7 @@ def test_smoke_run_sh_runs_the_whole_pipeline(tmp_path):
     shutil.copy(REPO / "data" / "fineweb.py", work / "data" / "fineweb.py")
     env = dict(os.environ, SMOKE="1", SMOKE_DOCS=str(CORPUS), SMOKE_TOKENIZER=str(TOKENIZER_1024), SMOKE_MAX_DOCS="120",
                SMOKE_VAL_DOCS="20", ITERATIONS="12", VAL_MAX_TOKENS="8193", TTT_CHUNK_TOKENS="2048",
-               GPTQ_CALIB_BATCHES="2", OMP_NUM_THREADS="1", PYTHON=sys.executable)
+               GPTQ_CALIB_BATCHES="2", EVAL_INT6_SLIDING="1", OMP_NUM_THREADS="1", PYTHON=sys.executable)
     proc = subprocess.run(["bash", "run.sh"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]

@@ -736,6 +736,10 @@ class Runtime:
             torch.cuda.synchronize()
 
 
+def maybe_compile(model, hp, rt):
+    return torch.compile(model, dynamic=False) if (hp.compile if hp.compile >= 0 else rt.is_cuda) else model
+
+
 def lr_scale(hp, step, elapsed_ms, cap_ms):
     """1.0, then a linear warmdown to LR_FLOOR over the last WARMDOWN_ITERS steps; when the wall-clock cap
     binds, the warmdown is placed by time, estimating the remaining steps from the measured step time."""
@@ -797,8 +801,7 @@ def train(model, hp, rt, val_tokens, luts):
     """Trains `model` in place within the wall-clock cap and loads the averaged weights into it."""
     accum = grad_accum_steps(hp, rt.world_size)
     rt.log(f"world_size:{rt.world_size} grad_accum_steps:{accum} device:{rt.device.type}")
-    use_compile = hp.compile if hp.compile >= 0 else int(rt.is_cuda)
-    step_model = torch.compile(model, dynamic=False) if use_compile else model
+    step_model = maybe_compile(model, hp, rt)
     BankLinear.qat_bits, BankLinear.qat_alpha = hp.quant_base_bits, torch.ones((), device=rt.device)
     opt = build_optimizers(model, hp, rt.world_size)
     files = shard_files(hp.data_path, "train")
@@ -1016,7 +1019,8 @@ def row_scales(W, bits, col_weight):
         else:
             better = err < best_err
             best_scale, best_err = torch.where(better, scale, best_scale), torch.minimum(err, best_err)
-    return best_scale.half().float()  # the scale is stored in fp16; quantize against that exact value
+    # stored in fp16, so quantize against that exact value; the floor keeps all-zero rows from a 0 scale
+    return best_scale.clamp_min(1e-7).half().float()
 
 
 def quantize_rtn(W, bits, col_weight=None):
@@ -1240,23 +1244,37 @@ def prune_to_fit(entries, costs, hp, rt, budget):
             entries[first + i] = (e[0], e[1], e[2], e[3], c.view_as(originals[i]), e[5])
         return serialize(entries)
 
-    real = compress_bytes(build(0))
-    pruned, target = 0, budget
-    while len(real) > budget and pruned < len(order):
-        ratio = len(real) / len(compress_bytes(build(pruned), fast=True))
-        lo, hi = pruned, len(order)
+    ratios = {}  # real/fast size ratio where measured: it drifts as pruning grows, so it is interpolated
+
+    def measure(k):
+        real = compress_bytes(build(k))
+        ratios[k] = len(real) / len(compress_bytes(build(k), fast=True))
+        return real
+
+    real = measure(0)
+    over, fit = 0, ((0, real) if len(real) <= budget else None)  # over: most pruning known not to fit
+    for _ in range(6):  # bracket the least pruning that fits, until within 0.2% of the budget
+        if fit and (fit[0] - over <= 1 or len(fit[1]) >= budget - max(budget // 500, 4096)):
+            break
+        lo, hi = min(over + 1, len(order)), fit[0] if fit else len(order)
+        r0, r1, span = ratios[over], ratios.get(hi, ratios[over]), max(hi - over, 1)
         while lo < hi:
             mid = (lo + hi) // 2
-            if len(compress_bytes(build(mid), fast=True)) * ratio <= target:
+            if len(compress_bytes(build(mid), fast=True)) * (r0 + (r1 - r0) * (mid - over) / span) <= budget - 1024:
                 hi = mid
             else:
                 lo = mid + 1
-        pruned = lo
-        real = compress_bytes(build(pruned))
-        target -= max(len(real) - budget, 0) + 1024  # the proxy was optimistic: aim lower and retry
-    if len(real) > budget:
+        real = measure(lo)
+        if len(real) <= budget:
+            fit = (lo, real)
+        elif lo == len(order):
+            break
+        else:
+            over = lo
+    if fit is None:
         raise ConfigError(f"artifact {len(real)} bytes exceeds the budget {budget} even after pruning every "
                           f"candidate; lower QUANT_BASE_BITS or the model size")
+    pruned, real = fit
     rt.log(f"quant:pruning candidates:{len(order)} pruned:{pruned} bytes:{len(real)} budget:{budget}")
     return real
 
@@ -1466,7 +1484,7 @@ def main():
                 torch.save({"model": model.state_dict(), "hessians": hessians}, path)
             rt.log(f"snapshot:saved {path}; rerun with LOAD_SNAPSHOT={path}")
             return
-    eval_model = torch.compile(model, dynamic=False) if (hp.compile if hp.compile >= 0 else rt.is_cuda) else model
+    eval_model = maybe_compile(model, hp, rt)
     loss, bpb = eval_full(eval_model, val_tokens, hp, rt, luts)
     rt.log(f"final_prequant_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     if hp.eval_float_sliding:
@@ -1494,7 +1512,7 @@ def run_eval_phase(artifact_path, val_tokens, hp, rt, luts):
     eval_start = time.perf_counter()
     with open(artifact_path, "rb") as f:
         model = load_artifact(f.read(), hp, rt.device)
-    scorer = torch.compile(model, dynamic=False) if (hp.compile if hp.compile >= 0 else rt.is_cuda) else model
+    scorer = maybe_compile(model, hp, rt)
     loss, bpb = eval_full(scorer, val_tokens, hp, rt, luts)
     rt.log(f"final_int6_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     if hp.eval_int6_sliding > 0 or (hp.eval_int6_sliding < 0 and not hp.ttt_enabled):

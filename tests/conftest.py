@@ -29,7 +29,7 @@ def require_shared():
         pytest.skip(f"needs the shared corpus and tokenizers at {SHARED} (absent here)")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def one_thread():
     """In-process torch work on one thread: steadier on a shared 2-core machine."""
     import torch

@@ -15,14 +15,6 @@ SCRIPT = REPO / "train_gpt_human.py"
 
 
 @pytest.fixture
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture
 def no_qat():
     """BankLinear's late-QAT switch is class-global: make sure no test leaks it to another."""
     tg.BankLinear.qat_enabled = False

@@ -61,13 +61,14 @@ class Trained:
         return tg.eval_full(model, self.val, self.hp, self.rt, self.luts)[1]
 
 
-@pytest.fixture
-def single_thread():
-    """In-process evals that must match a subprocess run with OMP_NUM_THREADS=1 to the last digit."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+@pytest.fixture(params=["brotli", "lzma"])
+def compressor(request, monkeypatch):
+    """Both containers: brotli when installed, and the lzma fallback with brotli hidden."""
+    if request.param == "lzma":
+        monkeypatch.setattr(tg, "brotli", None)
+    elif tg.brotli is None:
+        pytest.skip("brotli not installed")
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +128,7 @@ def test_serialize_roundtrip_exact_codes_scales_and_passthrough():
             assert torch.equal(out, values.float())
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "lzma"])
-def test_compress_roundtrip(compressor, monkeypatch):
-    if compressor == "lzma":
-        monkeypatch.setattr(tg, "brotli", None)
-    elif tg.brotli is None:
-        pytest.skip("brotli not installed")
+def test_compress_roundtrip(compressor):
     raw = tg.serialize(random_entries(1))
     for fast in (False, True):
         blob = tg.compress_bytes(raw, fast=fast)
@@ -207,12 +203,7 @@ def test_every_flip_of_serialized_bytes_is_caught():
             tg.deserialize(raw[:n])
 
 
-@pytest.mark.parametrize("compressor", ["brotli", "lzma"])
-def test_every_flip_and_truncation_of_small_artifact_is_caught(compressor, monkeypatch):
-    if compressor == "lzma":
-        monkeypatch.setattr(tg, "brotli", None)
-    elif tg.brotli is None:
-        pytest.skip("brotli not installed")
+def test_every_flip_and_truncation_of_small_artifact_is_caught(compressor):
     raw = tg.serialize(random_entries(4))
     blob = tg.compress_bytes(raw)
     outcomes = {"error": 0, "same": 0}
@@ -422,7 +413,7 @@ def runs(tiny_data, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_roundtrip_close_to_prequant_and_equal_to_eval_of_written_artifact(runs, single_thread):
+def test_roundtrip_close_to_prequant_and_equal_to_eval_of_written_artifact(runs, one_thread):
     assert runs.rc_a == 0, runs.out_a[-3000:]
     _, pre = final_metric(runs.out_a, "final_prequant_exact")
     loss, rt_bpb = final_metric(runs.out_a, "final_int6_roundtrip_exact")

@@ -1271,6 +1271,9 @@ def prune_to_fit(entries, costs, hp, rt, budget):
             break
         else:
             over = lo
+    if fit is None and over < len(order):  # the proxy never bracketed a fit: try pruning every candidate
+        real = measure(len(order))
+        fit = (len(order), real) if len(real) <= budget else None
     if fit is None:
         raise ConfigError(f"artifact {len(real)} bytes exceeds the budget {budget} even after pruning every "
                           f"candidate; lower QUANT_BASE_BITS or the model size")

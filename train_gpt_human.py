@@ -640,9 +640,9 @@ class Optimizers:
     """Muon for matrices plus a torch optimizer for everything else, stepped together with one exact global
     gradient-norm clip (computed from the reduce-scattered shards, so it matches a single-process run)."""
 
-    def __init__(self, muon, other, max_grad_norm, world_size, device):
+    def __init__(self, muon, other, max_grad_norm, world_size):
         self.muon, self.other, self.max_grad_norm, self.world_size = muon, other, max_grad_norm, world_size
-        self.device = device
+        self.device = (muon.params or [p for g in other.param_groups for p in g["params"]])[0].device
         for group in other.param_groups:
             group["base_lr"] = group["lr"]
 
@@ -703,7 +703,7 @@ def build_optimizers(model, hp, world_size):
         [{"params": tables, "lr": hp.tied_embed_lr, "betas": (hp.embed_beta1, hp.adam_beta2)},
          {"params": scalars, "lr": hp.scalar_lr, "betas": (hp.adam_beta1, hp.adam_beta2)}],
         eps=hp.adam_eps, weight_decay=hp.adam_wd)
-    return Optimizers(muon, adam, hp.grad_clip_norm, world_size, model.qo.device)
+    return Optimizers(muon, adam, hp.grad_clip_norm, world_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1303,7 +1303,7 @@ def build_ttt_optimizers(model, hp, world_size):
         p.requires_grad_(id(p) not in frozen)
     muon = Muon(matrices, hp.ttt_lr, hp.ttt_momentum, 0.0, hp.muon_backend_steps, world_size)
     sgd = torch.optim.SGD(rest, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
-    return Optimizers(muon, sgd, hp.ttt_grad_clip, world_size, model.qo.device)
+    return Optimizers(muon, sgd, hp.ttt_grad_clip, world_size)
 
 
 def freeze_bank_rows(model, n):
@@ -1495,13 +1495,15 @@ def main():
         rt.log(f"final_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     artifact_path = os.path.join("logs", f"{os.path.basename(rt.log_path)[:-4]}_model.int6.ptz")
     if rt.rank == 0:
-        blob = quantize_model(model, hessians, hp, rt, code_size())
+        code_bytes = code_size()
+        blob = quantize_model(model, hessians, hp, rt, code_bytes)
         with open(artifact_path + ".tmp", "wb") as f:
             f.write(blob)
         os.replace(artifact_path + ".tmp", artifact_path)
-        rt.log(f"Serialized model int6+{'brotli' if blob[:1] == b'B' else 'lzma'}: {len(blob)} bytes")
-        rt.log(f"Code size: {code_size()} bytes")
-        rt.log(f"Total submission size int6+{'brotli' if blob[:1] == b'B' else 'lzma'}: {len(blob) + code_size()} bytes")
+        codec = "brotli" if blob[:1] == b"B" else "lzma"
+        rt.log(f"Serialized model int6+{codec}: {len(blob)} bytes")
+        rt.log(f"Code size: {code_bytes} bytes")
+        rt.log(f"Total submission size int6+{codec}: {len(blob) + code_bytes} bytes")
     if rt.world_size > 1:
         dist.barrier()
     run_eval_phase(artifact_path, val_tokens, hp, rt, luts)

@@ -185,6 +185,10 @@ _RE_FINAL = re.compile(r"^final_(\w+?)_exact\s+val_loss:(" + _NUM + r")\s+val_bp
 _RE_SERIAL = re.compile(r"^Serialized model(?:\s+(\S+))?:\s*(\d+)\s*bytes")
 _RE_CODE = re.compile(r"^Code size:\s*(\d+)\s*bytes")
 _RE_TOTAL = re.compile(r"^Total submission size(?:\s+(\S+))?:\s*(\d+)\s*bytes")
+# lines that set one run field: (pattern, field, regex group, type)
+_SINGLE_VALUES = [(_RE_EVAL_PHASE, "eval_phase_s", 1, float), (_RE_PEAK, "peak_mem_mib", 1, int),
+                  (_RE_SERIAL, "bytes_model", 2, int), (_RE_CODE, "bytes_code", 1, int),
+                  (_RE_TOTAL, "bytes_total", 2, int)]
 
 # Order of preference for the challenge score (best first).
 SCORE_KINDS = ("ttt", "sliding", "roundtrip")
@@ -299,13 +303,11 @@ def parse_log(path) -> dict:
                 run["steps"] = int(m.group(1))
                 run["train_time_ms"] = float(m.group(2))
                 continue
-            m = _RE_EVAL_PHASE.match(line)
-            if m:
-                run["eval_phase_s"] = float(m.group(1))
-                continue
-            m = _RE_PEAK.match(line)
-            if m:
-                run["peak_mem_mib"] = int(m.group(1))
+            single = next(((key, group, cast, m) for regex, key, group, cast in _SINGLE_VALUES
+                           if (m := regex.match(line))), None)
+            if single:
+                key, group, cast, m = single
+                run[key] = cast(m.group(group))
                 continue
             m = _RE_FINAL.match(line)
             if m:
@@ -321,18 +323,6 @@ def parse_log(path) -> dict:
                     entry["quant"] = quant
                     run["quant"] = quant
                 run["finals"][stage] = entry
-                continue
-            m = _RE_SERIAL.match(line)
-            if m:
-                run["bytes_model"] = int(m.group(2))
-                continue
-            m = _RE_CODE.match(line)
-            if m:
-                run["bytes_code"] = int(m.group(1))
-                continue
-            m = _RE_TOTAL.match(line)
-            if m:
-                run["bytes_total"] = int(m.group(2))
                 continue
     if run["steps"] is None:
         run["steps"] = last_step

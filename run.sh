@@ -282,6 +282,7 @@ gpu_run() {
         launcher=("$PYTHON" -m torch.distributed.run)
     fi
     mkdir -p logs
+    export_default RUN_ID "run_$TS" # the trainer's logs/<RUN_ID>.txt sits beside this launch log
     local log="logs/run_$TS.log" rc=0
     info "launching ${launcher[*]} --standalone --nproc_per_node=$NPROC $TRAIN_SCRIPT, log: $log"
     "${launcher[@]}" --standalone --nproc_per_node="$NPROC" "$TRAIN_SCRIPT" 2>&1 | tee "$log" || rc=${PIPESTATUS[0]}

@@ -8,6 +8,7 @@ quantization/packing -> eval -> test-time training -> main().  Every setting is 
 """
 import copy
 import dataclasses
+import datetime
 import difflib
 import glob
 import hashlib
@@ -56,6 +57,7 @@ class Hyperparameters:
     device: str = ""  # "" = cuda when available, else cpu
     compile: int = -1  # -1 = on for cuda
     val_max_tokens: int = 0  # 0 = the whole validation split (smoke runs use a prefix)
+    dist_timeout_seconds: float = 1800.0  # covers rank 0 quantizing alone while the others wait
     # model
     num_layers: int = 11
     model_dim: int = 512
@@ -157,7 +159,7 @@ class Hyperparameters:
         positive = ["vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
                     "eval_seq_len", "train_batch_tokens", "eval_stride", "eval_batch_seqs", "engram_buckets",
                     "engram_dim", "ttt_chunk_tokens", "ttt_batch_seqs", "muon_backend_steps",
-                    "target_bytes", "gptq_block_size"]
+                    "target_bytes", "gptq_block_size", "dist_timeout_seconds"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
@@ -736,8 +738,27 @@ class Runtime:
             torch.cuda.synchronize()
 
 
+# A run compiles a few graphs of GPT.forward, all of fixed shape: training, training with late QAT, scoring
+# (every eval and TTT's scoring) and TTT adaptation.  The limit leaves room for ablations; past it dynamo would
+# silently fall back to eager.
+COMPILE_GRAPH_LIMIT = 16
+
+
+def compile_enabled(hp, rt):
+    return hp.compile > 0 or (hp.compile < 0 and rt.is_cuda)
+
+
 def maybe_compile(model, hp, rt):
-    return torch.compile(model, dynamic=False) if (hp.compile if hp.compile >= 0 else rt.is_cuda) else model
+    if not compile_enabled(hp, rt):
+        return model
+    torch._dynamo.config.cache_size_limit = COMPILE_GRAPH_LIMIT
+    return torch.compile(model, dynamic=False)
+
+
+def log_compiled_graphs(hp, rt, phase):
+    if compile_enabled(hp, rt):
+        rt.log(f"compile:{phase} graphs:{torch._dynamo.utils.counters['stats']['unique_graphs']} "
+               f"limit:{COMPILE_GRAPH_LIMIT}")
 
 
 def lr_scale(hp, step, elapsed_ms, cap_ms):
@@ -817,7 +838,7 @@ def train(model, hp, rt, val_tokens, luts):
     loader = DistributedTokenLoader(files, hp.vocab_size, rt.rank, rt.world_size, rt.device)
     averager = WeightAverager(model, hp)
     cap_ms = max(hp.max_wallclock_seconds * 1000 - hp.gptq_reserve_ms, 0) if hp.max_wallclock_seconds else 0
-    train_ms, step, last_loss, stop = 0.0, 0, float("nan"), False
+    train_ms, step, last_loss, stop, elapsed = 0.0, 0, float("nan"), False, 0.0
     rt.sync()
     t0 = time.perf_counter()
     while True:
@@ -831,7 +852,6 @@ def train(model, hp, rt, val_tokens, luts):
             t0 = time.perf_counter()
         if last:
             break
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
         scale = lr_scale(hp, step, elapsed, cap_ms)
         set_late_qat(hp, rt, scale, step)
         frac = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps else 1.0
@@ -845,16 +865,12 @@ def train(model, hp, rt, val_tokens, luts):
                 raise FloatingPointError(f"non-finite train loss {loss_value} at step {step} (last good loss "
                                          f"{last_loss:.4f}); lower the learning rates or check the data")
             last_loss = loss_value
-            elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-            rt.log(f"step:{step}/{hp.iterations} train_loss:{loss_value:.4f} train_time:{elapsed:.0f}ms "
-                   f"step_avg:{elapsed / step:.2f}ms")
-        if cap_ms:  # stop when one more step would cross the cap; all ranks agree
-            rt.sync()
-            elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-            flag = torch.tensor(float(elapsed + elapsed / step > cap_ms), device=rt.device)
-            if rt.world_size > 1:
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and step < hp.iterations:
+            shown = train_ms + 1000 * (time.perf_counter() - t0)
+            rt.log(f"step:{step}/{hp.iterations} train_loss:{loss_value:.4f} train_time:{shown:.0f}ms "
+                   f"step_avg:{shown / step:.2f}ms")
+        if cap_ms:  # stop when one more step would cross the cap
+            elapsed = shared_elapsed_ms(rt, train_ms, t0)
+            if elapsed + elapsed / step > cap_ms and step < hp.iterations:
                 stop = True
                 rt.log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{hp.iterations}")
     rt.sync()
@@ -865,7 +881,28 @@ def train(model, hp, rt, val_tokens, luts):
                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     BankLinear.qat_enabled = False
     averager.apply(model, rt)
+    log_weight_checksums(model, rt)
+    log_compiled_graphs(hp, rt, "train")
     return train_ms
+
+
+def shared_elapsed_ms(rt, train_ms, t0):
+    """Rank 0's training clock, broadcast.  The LR schedule, late QAT, SWA and the stop all read it, so every
+    replica takes the same branch; each rank's own clock would differ a little near every threshold."""
+    rt.sync()
+    elapsed = torch.tensor(train_ms + 1000 * (time.perf_counter() - t0), dtype=torch.float64, device=rt.device)
+    if rt.world_size > 1:
+        dist.broadcast(elapsed, 0)
+    return elapsed.item()
+
+
+def log_weight_checksums(model, rt):
+    """Every replica must end training with bit-identical weights: log each rank's checksum."""
+    raw = b"".join(t.detach().float().cpu().numpy().tobytes() for t in model.state_dict().values())
+    sums = [hashlib.sha256(raw).hexdigest()[:16]] * rt.world_size
+    if rt.world_size > 1:
+        dist.all_gather_object(sums, sums[0])
+    rt.log("weights_sha256 " + " ".join(f"rank{r}:{d}" for r, d in enumerate(sums)) + f" ranks_agree:{len(set(sums)) == 1}")
 
 
 def set_late_qat(hp, rt, scale, step):
@@ -899,27 +936,31 @@ def make_windows(begin, end, seq_len, stride):
     return windows
 
 
+def padded_batch(tokens, windows, rows, seq_len, device):
+    """(inputs+1 tokens, mask of the positions to score or train on) for windows (start, length, score_from),
+    always `rows` x `seq_len`: a short window is right-padded with the tokens that follow it (causal attention
+    never lets a position see them), missing rows are masked out entirely.  One shape, so one compiled graph."""
+    spans = torch.tensor(windows + [(0, 0, 0)] * (rows - len(windows)), dtype=torch.long).view(rows, 3)
+    pos = torch.arange(seq_len + 1)
+    seqs = tokens[(spans[:, :1] + pos).clamp(max=len(tokens) - 1)]
+    mask = (pos[:-1] >= spans[:, 2:]) & (pos[:-1] < spans[:, 1:2])
+    return seqs.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def score_windows(model, tokens, windows, hp, rt, luts, counts=None):
-    """Sums (NLL nats, scored tokens, bytes) in float64 over the given windows on this rank."""
+    """Sums (NLL nats, scored tokens, bytes) in float64 over the given windows on this rank, in batches of
+    EVAL_BATCH_SEQS x EVAL_SEQ_LEN."""
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    i = 0
-    while i < len(windows):
-        length = windows[i][1]
-        batch = []
-        while i < len(windows) and windows[i][1] == length and len(batch) < hp.eval_batch_seqs:
-            batch.append(windows[i])
-            i += 1
-        seqs = torch.stack([tokens[s:s + length + 1] for s, _, _ in batch]).to(rt.device)
+    for i in range(0, len(windows), hp.eval_batch_seqs):
+        batch = windows[i:i + hp.eval_batch_seqs]
+        seqs, mask = padded_batch(tokens, batch, hp.eval_batch_seqs, hp.eval_seq_len, rt.device)
         with rt.autocast():
-            nll = model(seqs[:, :-1], seqs[:, 1:], reduction="none").view(len(batch), length).double()
-        mask = torch.zeros_like(nll, dtype=torch.bool)
-        for row, (_, _, score_from) in enumerate(batch):
-            mask[row, score_from:] = True
+            nll = model(seqs[:, :-1], seqs[:, 1:], reduction="none").view(mask.shape).double()
         nbytes = token_bytes(luts, seqs[:, :-1], seqs[:, 1:]).double()
         totals += torch.stack([(nll * mask).sum(), mask.sum().double(), (nbytes * mask).sum()])
         if counts is not None:
-            for s, _, score_from in batch:
+            for s, length, score_from in batch:
                 counts[s + score_from:s + length] += 1
     return totals
 
@@ -981,7 +1022,8 @@ def collect_hessians(model, hp, rt):
     def hook(key):
         def accumulate(module, inputs, output):
             x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
-            hessians[key] = hessians.get(key, 0) + x.T @ x
+            with torch.autocast(x.device.type, enabled=False):  # X^T X in fp32 even inside bf16 autocast
+                hessians[key] = hessians.get(key, 0) + x.T @ x
         return accumulate
 
     for i, block in enumerate(model.blocks):
@@ -1319,23 +1361,20 @@ def freeze_bank_rows(model, n):
 
 
 def adapt_on_chunk(model, opt, tokens, begin, end, epochs, lr_scale, hp, rt):
-    """Trains on the predictions [begin, end) that were just scored, sequences sharded over ranks."""
+    """Trains on the predictions [begin, end) that were just scored, sequences sharded over ranks.  Every rank's
+    batch has one fixed shape (a ragged tail is padded and masked), so a compiled model keeps one graph."""
     L = hp.eval_seq_len
     starts = list(range(begin, end, L))
+    per_batch = min(hp.ttt_batch_seqs, math.ceil(hp.ttt_chunk_tokens / L))
+    rows = math.ceil(per_batch / rt.world_size)
     for _ in range(epochs):
-        for b in range(0, len(starts), hp.ttt_batch_seqs):
-            batch = starts[b:b + hp.ttt_batch_seqs]
-            n_global = sum(min(s + L, end) - s for s in batch)
-            mine = batch[rt.rank::rt.world_size]
-            full = [s for s in mine if s + L <= end]
-            for group in (full, [s for s in mine if s + L > end]):  # a chunk's ragged tail trains on its own
-                if not group:
-                    continue
-                seqs = torch.stack([tokens[s:min(s + L, end) + 1] for s in group]).to(rt.device)
-                with rt.autocast():
-                    loss_sum = model(seqs[:, :-1], seqs[:, 1:], reduction="none").float().sum()
-                # ranks average gradients, so scale each rank's sum to make the result the global mean
-                (loss_sum * rt.world_size / n_global).backward()
+        for b in range(0, len(starts), per_batch):
+            batch = [(s, min(s + L, end) - s, 0) for s in starts[b:b + per_batch]]
+            seqs, mask = padded_batch(tokens, batch[rt.rank::rt.world_size], rows, L, rt.device)
+            with rt.autocast():
+                nll = model(seqs[:, :-1], seqs[:, 1:], reduction="none").float().view(mask.shape)
+            # ranks average gradients, so scale each rank's sum to make the result the global mean
+            ((nll * mask).sum() * rt.world_size / sum(n for _, n, _ in batch)).backward()
             if hp.ttt_freeze_blocks:
                 freeze_bank_rows(model, hp.ttt_freeze_blocks)
             opt.step(lr_scale)
@@ -1359,11 +1398,16 @@ class Polyak:
             a.copy_(tmp)
 
 
+def steady_mean(times):
+    """Mean seconds per chunk, leaving out the first, which includes compiling new graphs: projecting the rest of
+    the eval from it would switch adaptation off at once on every compiled run.  0 until a second sample."""
+    return sum(times[1:]) / (len(times) - 1) if len(times) > 1 else 0.0
+
+
 def eval_ttt(model, tokens, hp, rt, luts, eval_start, counts=None):
-    """Returns (val_loss, val_bpb, chunks_adapted, n_chunks).  Chunk k's windows are scored under
-    torch.inference_mode() before any update that uses them; the last chunk is never trained on; every
-    prediction is scored exactly once.  Adaptation stops (scoring goes on) when the projected eval time
-    would pass EVAL_BUDGET_SECONDS."""
+    """Returns (val_loss, val_bpb, chunks_adapted, n_chunks).  Chunk k's windows are scored without gradients
+    before any update that uses them; the last chunk is never trained on; every prediction is scored exactly
+    once.  Adaptation stops (scoring goes on) when the projected eval time would pass EVAL_BUDGET_SECONDS."""
     P, C = len(tokens) - 1, hp.ttt_chunk_tokens
     n_chunks = math.ceil(P / C)
     opt = build_ttt_optimizers(model, hp, rt.world_size)
@@ -1372,25 +1416,24 @@ def eval_ttt(model, tokens, hp, rt, luts, eval_start, counts=None):
            f"epochs:{hp.ttt_epochs} entropy_adapt:{hp.ttt_entropy_adapt} polyak:{hp.ttt_polyak} "
            f"freeze_blocks:{hp.ttt_freeze_blocks}")
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    adapting, adapted, score_s, adapt_s_per_epoch = True, 0, 0.0, 0.0
+    adapting, adapted, score_times, adapt_times = True, 0, [], []  # seconds per chunk; per adaptation epoch
     for k in range(n_chunks):
         begin, end = k * C, min((k + 1) * C, P)
         t0 = time.perf_counter()
         model.eval()
         if polyak:
             polyak.swap(model)
-        with torch.inference_mode():
-            chunk = all_sum(rt, score_windows(model, tokens, make_windows(begin, end, hp.eval_seq_len, hp.eval_stride)
-                                              [rt.rank::rt.world_size], hp, rt, luts, counts))
+        chunk = all_sum(rt, score_windows(model, tokens, make_windows(begin, end, hp.eval_seq_len, hp.eval_stride)
+                                          [rt.rank::rt.world_size], hp, rt, luts, counts))
         if polyak:
             polyak.swap(model)
         totals += chunk
-        score_s = max(score_s, time.perf_counter() - t0)
+        score_times.append(time.perf_counter() - t0)
         if k == n_chunks - 1 or not adapting:
             continue
         epochs = chunk_epochs(hp, float(chunk[0] / chunk[1]))
         elapsed = time.perf_counter() - eval_start
-        projected = elapsed + epochs * adapt_s_per_epoch + (n_chunks - k - 1) * score_s
+        projected = elapsed + epochs * steady_mean(adapt_times) + (n_chunks - k - 1) * steady_mean(score_times)
         stop = torch.tensor(float(projected > hp.eval_budget_seconds), device=rt.device)
         if rt.world_size > 1:
             dist.broadcast(stop, 0)  # rank 0's clock decides, so every rank takes the same branch
@@ -1406,7 +1449,7 @@ def eval_ttt(model, tokens, hp, rt, luts, eval_start, counts=None):
         if polyak:
             polyak.update(model)
         adapted += 1
-        adapt_s_per_epoch = max(adapt_s_per_epoch, (time.perf_counter() - t1) / max(epochs, 1))
+        adapt_times.append((time.perf_counter() - t1) / max(epochs, 1))
         if k % 100 == 0:
             loss, bpb = loss_and_bpb(totals)
             rt.log(f"ttt_chunk [{k + 1}/{n_chunks}] running_bpb:{bpb:.6f} chunk_nll:{float(chunk[0] / chunk[1]):.3f} "
@@ -1435,11 +1478,16 @@ def setup_runtime(hp):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-    if distributed:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    run_id = hp.run_id or str(uuid.uuid4())
+    if distributed:  # the timeout covers rank 0 quantizing alone while the others wait (NCCL's default is 10 min)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                                timeout=datetime.timedelta(seconds=hp.dist_timeout_seconds))
+    if not hp.run_id:  # one id for all ranks: they all open the artifact that rank 0 writes under it
+        shared = [str(uuid.uuid4())]
+        if distributed:
+            dist.broadcast_object_list(shared, src=0, device=device)
+        hp.run_id = shared[0]
     os.makedirs("logs", exist_ok=True)
-    return Runtime(rank, world_size, device, os.path.join("logs", f"{run_id}.txt"))
+    return Runtime(rank, world_size, device, os.path.join("logs", f"{hp.run_id}.txt"))
 
 
 def code_size():
@@ -1530,6 +1578,7 @@ def run_eval_phase(artifact_path, val_tokens, hp, rt, luts):
         loss, bpb, adapted, n_chunks = eval_ttt(scorer, val_tokens, hp, rt, luts, eval_start)
         rt.log(f"final_int6_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms "
                f"chunks_adapted:{adapted}/{n_chunks}")
+    log_compiled_graphs(hp, rt, "eval")
     rt.log(f"eval_phase_time:{time.perf_counter() - eval_start:.1f}s")
 
 

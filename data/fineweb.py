@@ -46,8 +46,12 @@ MAX_VOCAB = 65535  # ids must fit in uint16
 DEFAULT_SHARD_TOKENS = 100_000_000  # same shard size as the challenge's exports
 
 # Hugging Face dataset repositories hosting the challenge exports.  sp1024 is in the
-# official repository; the sp8192 export is published in a community mirror with the same layout.
-REMOTE_ROOT_PREFIX = "matched_100B_train30Btok_even_seed1337"
+# official repository; the sp8192 export is published in a community mirror with the same layout:
+#   <prefix>/manifest.json
+#   <prefix>/datasets/fineweb10B_<variant>/fineweb_{val,train}_NNNNNN.bin
+#   <prefix>/tokenizers/fineweb_<vocab>_bpe.{model,vocab}
+# with <prefix> = "datasets" (the challenge's data/cached_challenge_fineweb.py default).
+REMOTE_ROOT_PREFIX = "datasets"
 VARIANTS = {
     "sp1024": {"dataset": "fineweb10B_sp1024", "tokenizer": "fineweb_1024_bpe",
                "vocab": 1024, "repo_id": "willdepueoai/parameter-golf"},
@@ -316,8 +320,14 @@ def hf_fetch(repo_id: str) -> Fetch:
         except ImportError:
             raise DataError("huggingface_hub is not installed (pip install huggingface_hub)") from None
         sub, _, name = repo_path.rpartition("/")
-        cached = Path(hf_hub_download(repo_id=repo_id, filename=name, subfolder=sub or None,
-                                      repo_type="dataset")).resolve(strict=True)
+        try:
+            cached = Path(hf_hub_download(repo_id=repo_id, filename=name, subfolder=sub or None,
+                                          repo_type="dataset")).resolve(strict=True)
+        except Exception as e:  # network, auth, offline mode, missing file: one clear line, not a traceback
+            raise DataError(f"could not fetch {repo_path} from the Hugging Face dataset {repo_id} "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the "
+                            f"network, HF_TOKEN and HF_HUB_OFFLINE, or stage the files and pass --mirror "
+                            f"(FINEWEB_MIRROR)") from None
         # Hard-link out of the HF cache when possible (no second copy on disk).
         try:
             os.link(cached, local_path)
@@ -336,7 +346,9 @@ def mirror_fetch(root: str | os.PathLike) -> Fetch:
     def fetch(repo_path: str, local_path: Path) -> None:
         src = root.joinpath(*repo_path.split("/"))
         if not src.is_file():
-            raise DataError(f"{src}: not found in mirror {root}")
+            raise DataError(f"{src}: not found in mirror {root}; a mirror is laid out like the published "
+                            f"export ({REMOTE_ROOT_PREFIX}/manifest.json, {REMOTE_ROOT_PREFIX}/datasets/..., "
+                            f"{REMOTE_ROOT_PREFIX}/tokenizers/...)")
         import shutil
         shutil.copyfile(src, local_path)
 

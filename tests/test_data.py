@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -231,7 +232,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------- download
 
-PREFIX = fw.REMOTE_ROOT_PREFIX
+PREFIX = "datasets"  # the published export's root (the challenge's cached_challenge_fineweb.py default)
 
 
 def make_hub(root: Path, datasets=(("fineweb10B_sp1024", "fineweb_1024_bpe", 3),)) -> Path:
@@ -368,6 +369,36 @@ def test_download_cli_with_mirror(tmp_path):
     cmd[cmd.index("--train-shards") + 1] = "9"
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "only 3 train shards" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_default_download_requests_the_published_layout(tmp_path):
+    """With no prefix given, the very first request is the export's datasets/manifest.json and every later
+    request sits under datasets/ (the old default asked for a root the export does not have)."""
+    hub = make_hub(tmp_path / "hub")
+    fetch = HubFetch(hub)
+    fw.download("sp1024", 1, out=tmp_path / "data", fetch=fetch)
+    assert fetch.calls[0] == "datasets/manifest.json"
+    assert "datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin" in fetch.calls
+    assert "datasets/tokenizers/fineweb_1024_bpe.model" in fetch.calls
+
+
+def test_mirror_without_manifest_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run([sys.executable, str(FINEWEB_PY), "download", "--train-shards", "1", "--out",
+                        str(tmp_path / "data"), "--mirror", str(tmp_path / "empty")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "manifest.json: not found in mirror" in r.stderr and "datasets/tokenizers" in r.stderr
+
+
+def test_unreachable_hub_is_a_clear_error(tmp_path):
+    pytest.importorskip("huggingface_hub")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))  # offline: nothing cached
+    r = subprocess.run([sys.executable, str(FINEWEB_PY), "download", "--train-shards", "1", "--out",
+                        str(tmp_path / "data")], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "could not fetch datasets/manifest.json from the Hugging Face dataset willdepueoai/parameter-golf" \
+        in r.stderr
 
 
 def test_hf_fetch_without_huggingface_hub(tmp_path, monkeypatch):

@@ -107,7 +107,7 @@ if [ "$1" = "-" ]; then cat >/dev/null; echo "torch 9.9 (fake), CUDA 12.8, 8 dev
 if [ "$1" = "-c" ] && [ "$2" = "import flash_attn_interface" ]; then exit 1; fi
 if [ "$1" = "-m" ] && [ "$2" = "torch.distributed.run" ]; then
   shift 2
-  echo "FAKE_TORCHRUN $* DATA_PATH=$DATA_PATH TOKENIZER_PATH=$TOKENIZER_PATH VOCAB_SIZE=$VOCAB_SIZE SEED=$SEED"
+  echo "FAKE_TORCHRUN $* DATA_PATH=$DATA_PATH TOKENIZER_PATH=$TOKENIZER_PATH VOCAB_SIZE=$VOCAB_SIZE SEED=$SEED RUN_ID=$RUN_ID"
   exit "${FAKE_RC:-0}"
 fi
 exec "%s" "$@"
@@ -165,6 +165,7 @@ def test_launch_passes_env_and_exit_code(fake_repo):
     assert "SEED=42" in line
     logs = list((repo / "logs").glob("run_*.log"))
     assert len(logs) == 1 and "FAKE_TORCHRUN" in logs[0].read_text()
+    assert f"RUN_ID={logs[0].stem}" in line  # the trainer's log is named like the launch log
 
     r = run(repo / "run.sh", bindir, NPROC="2", FAKE_RC="5", **env)
     assert r.returncode == 5

@@ -98,15 +98,17 @@ class Recorder:
         def score_windows(model_, tokens, windows, hp, rt, luts, counts=None):
             rows.clear()
             totals = original(model_, tokens, windows, hp, rt, luts, counts)
-            flat = [(ids[r], nll[r]) for ids, nll in rows for r in range(ids.size(0))]
-            assert len(flat) == len(windows), "one forward row per window"
+            # every forward has EVAL_BATCH_SEQS rows (one fixed shape); rows past the last window are padding
+            B = hp.eval_batch_seqs
+            assert len(rows) == -(-len(windows) // B) and all(ids.size(0) == B for ids, _ in rows)
+            flat = [(ids[r], nll[r]) for ids, nll in rows for r in range(B)][:len(windows)]
             scored_sum = 0.0
             for (start, length, score_from), (ids, nll) in zip(windows, flat):
-                assert torch.equal(ids, tokens[start:start + length]), "row reads the window's own tokens"
+                assert torch.equal(ids[:length], tokens[start:start + length]), "row reads the window's own tokens"
                 preds = slice(start + score_from, start + length)
-                self.scores[preds] = nll[score_from:]
+                self.scores[preds] = nll[score_from:length]
                 self.times_scored[preds] += 1
-                scored_sum += float(nll[score_from:].sum())
+                scored_sum += float(nll[score_from:length].sum())
             # the instrumentation sees exactly what the product summed
             assert scored_sum == pytest.approx(float(totals[0]), rel=1e-12, abs=1e-9)
             if windows:

@@ -2,14 +2,14 @@
 """Build the size-counted artifact ``train_gpt.py`` from ``train_gpt_human.py``.
 
 Pipeline:
-  1. strip: parse with ``ast``; drop docstrings and other bare string statements,
-     drop annotations where that is safe (see ``_Stripper``), re-emit the code with
-     ``ast.unparse`` (comments vanish, whitespace is normalised), then shrink the
-     indentation to one space per level and drop blank lines.  f-string literals are
-     copied verbatim from the input instead of being re-emitted, because
-     ``ast.unparse`` on Python >= 3.12 writes PEP 701 f-strings (nested same quotes)
-     that Python 3.10 cannot parse.  The result is verified to be AST-equal to the
-     stripped tree.
+  1. minify with python-minifier (``MINIFY_OPTIONS``): docstrings, comments and blank
+     lines go, indentation becomes one tab per level, and function locals (also
+     ``self`` / ``cls`` and ``*args`` / ``**kwargs``) get one- or two-letter names.
+     Parameters that callers can pass by keyword, module-level names and class
+     attributes keep their names (tests and tools import functions by name;
+     ``Hyperparameters`` maps field names to environment variables), and so do dataclass
+     field annotations (``dataclasses.fields`` needs them).  The payload is written for
+     Python 3.10 whatever Python runs this script (see ``minify_source``).
   2. pack: lzma at the strongest setting (a small grid of container formats and
      literal/position parameters; the smallest wins) and base85, wrapped in a short
      stub that decompresses the payload, registers it with ``linecache`` (so
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import importlib.metadata
 import importlib.util
 import io
 import lzma
@@ -36,6 +37,11 @@ import sys
 import tempfile
 import tokenize
 from pathlib import Path
+from unittest import mock
+
+import python_minifier
+from python_minifier.expression_printer import ExpressionPrinter
+from python_minifier.f_string import OuterFString
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SRC = HERE / "train_gpt_human.py"
@@ -45,15 +51,22 @@ DEFAULT_OUT = HERE / "train_gpt.py"
 PAYLOAD_FILENAME = "train_gpt_payload"
 TARGET_VERSION = (3, 10)
 
-# Decorators known not to look at annotations.  A function carrying any other
-# decorator keeps its annotations (triton.jit needs ``tl.constexpr``,
-# torch.jit.script / torch.library.custom_op / functools.singledispatch read them).
-SAFE_DECORATORS = frozenset({
-    "staticmethod", "classmethod", "property", "setter", "getter", "deleter",
-    "cached_property", "cache", "lru_cache", "wraps", "contextmanager",
-    "no_grad", "inference_mode", "enable_grad", "compile", "disable",
-    "abstractmethod", "override", "final",
-})
+_MINIFIER_VERSION = importlib.metadata.version("python-minifier")  # pinned in requirements-dev.txt
+# Measured on train_gpt_human.py when this was chosen (artifact bytes, b85): 19,106; with
+# hoist_literals=True (the library default: repeated strings become module-level names)
+# 19,158, so it stays off.  rename_globals=True would save ~470 more but renames the
+# functions and classes that tests, tools and readers import from the script.
+MINIFY_OPTIONS = dict(
+    remove_literal_statements=True,  # docstrings and other bare literal statements
+    remove_annotations=python_minifier.RemoveAnnotationsOptions(
+        remove_variable_annotations=True, remove_return_annotations=True,
+        remove_argument_annotations=True,  # would break a @triton.jit kernel's tl.constexpr
+        remove_class_attribute_annotations=False),  # dataclass fields need theirs
+    rename_locals=True,
+    rename_globals=False,
+    hoist_literals=False,
+    preserve_shebang=False,  # the payload is exec'd, never run as a file
+)
 
 _LZMA_PRESET = 9 | lzma.PRESET_EXTREME
 _CODECS = ("b85", "b64", "latin1")
@@ -61,209 +74,21 @@ _CODECS = ("b85", "b64", "latin1")
 DEFAULT_CODEC = "auto"
 
 
-# --------------------------------------------------------------------------- strip
+# -------------------------------------------------------------------------- minify
 
-def _is_bare_string(stmt: ast.stmt) -> bool:
-    return (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant)
-            and isinstance(stmt.value.value, str))
-
-
-def _decorator_name(node: ast.expr) -> str | None:
-    if isinstance(node, ast.Call):
-        node = node.func
-    if isinstance(node, ast.Attribute):
-        return node.attr
-    if isinstance(node, ast.Name):
-        return node.id
-    return None
+def _visit_joinedstr_py310(self, node):
+    self.printer.fstring(str(OuterFString(node, pep701=False)))
 
 
-class _Stripper(ast.NodeTransformer):
-    """Removes docstrings / bare strings and annotations that nothing reads.
+def minify_source(src: str) -> str:
+    """``src`` minified by python-minifier with MINIFY_OPTIONS, as Python 3.10 code.
 
-    Annotation rules:
-      * function argument and return annotations are dropped, unless the function
-        has a decorator outside SAFE_DECORATORS (then everything is kept);
-      * ``x: T = v`` becomes ``x = v`` and a bare ``x: T`` is dropped, except
-        directly in the body of a class that has a decorator, a base class or a
-        class keyword (dataclasses, NamedTuple, TypedDict, ...), where they stay.
-    """
-
-    def __init__(self) -> None:
-        self._keep_ann = [False]
-
-    def _visit_stmts(self, stmts: list, allow_empty: bool) -> list:
-        out = []
-        for stmt in stmts:
-            if _is_bare_string(stmt):
-                continue
-            res = self.visit(stmt)
-            if res is None:
-                continue
-            if isinstance(res, list):
-                out.extend(res)
-            else:
-                out.append(res)
-        if not out and stmts and not allow_empty:
-            out = [ast.Pass()]
-        return out
-
-    def generic_visit(self, node: ast.AST) -> ast.AST:
-        for field, value in ast.iter_fields(node):
-            if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
-                setattr(node, field, self._visit_stmts(value, allow_empty=(field == "orelse")))
-            elif isinstance(value, list):
-                new = []
-                for item in value:
-                    if isinstance(item, ast.AST):
-                        item = self.visit(item)
-                        if item is None:
-                            continue
-                    new.append(item)
-                setattr(node, field, new)
-            elif isinstance(value, ast.AST):
-                res = self.visit(value)
-                if res is None:
-                    delattr(node, field)
-                else:
-                    setattr(node, field, res)
-        return node
-
-    def _visit_function(self, node):
-        keep = any(_decorator_name(d) not in SAFE_DECORATORS for d in node.decorator_list)
-        if not keep:
-            a = node.args
-            for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg]:
-                if arg is not None:
-                    arg.annotation = None
-            node.returns = None
-        self._keep_ann.append(keep)
-        try:
-            return self.generic_visit(node)
-        finally:
-            self._keep_ann.pop()
-
-    visit_FunctionDef = _visit_function
-    visit_AsyncFunctionDef = _visit_function
-
-    def visit_ClassDef(self, node):
-        keep = bool(node.decorator_list or node.bases or node.keywords)
-        self._keep_ann.append(keep)
-        try:
-            return self.generic_visit(node)
-        finally:
-            self._keep_ann.pop()
-
-    def visit_AnnAssign(self, node):
-        if self._keep_ann[-1]:
-            return self.generic_visit(node)
-        if node.value is None:
-            return None
-        new = ast.Assign(targets=[node.target], value=node.value)
-        return self.generic_visit(ast.copy_location(new, node))
-
-
-def _strip_tree(src: str) -> ast.Module:
-    tree = ast.parse(src)
-    return _Stripper().visit(tree)
-
-
-def _line_offsets(text: str) -> list[int]:
-    offs = [0]
-    for line in text.splitlines(True):
-        offs.append(offs[-1] + len(line))
-    return offs
-
-
-def _normalize_string_segment(seg: str) -> str:
-    """Collapse an (implicitly concatenated) string literal onto one logical unit:
-    keep each literal's text verbatim, drop comments / line breaks between them."""
-    if "\n" not in seg and "#" not in seg and "\\" not in seg:
-        return seg
-    text = "(" + seg + ")"
-    offs = _line_offsets(text)
-    pieces = []
-    depth = 0
-    start = None
-    fs_start = getattr(tokenize, "FSTRING_START", None)
-    fs_end = getattr(tokenize, "FSTRING_END", None)
-    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-        pos = offs[tok.start[0] - 1] + tok.start[1]
-        end = offs[tok.end[0] - 1] + tok.end[1]
-        if fs_start is not None and tok.type == fs_start:
-            if depth == 0:
-                start = pos
-            depth += 1
-        elif fs_end is not None and tok.type == fs_end:
-            depth -= 1
-            if depth == 0:
-                pieces.append(text[start:end])
-        elif depth == 0 and tok.type == tokenize.STRING:
-            pieces.append(text[pos:end])
-    return " ".join(pieces)
-
-
-class _FStringHider(ast.NodeTransformer):
-    """Replace each outermost f-string by a placeholder name (restored verbatim
-    from the source after unparsing)."""
-
-    def __init__(self, src: str) -> None:
-        self.src = src
-        self.repl: dict[str, str] = {}
-
-    def visit_JoinedStr(self, node):
-        seg = ast.get_source_segment(self.src, node)
-        if seg is None:  # pragma: no cover - positions always present from ast.parse
-            return node
-        name = f"QzFs{len(self.repl)}Qz"
-        self.repl[name] = _normalize_string_segment(seg)
-        return ast.copy_location(ast.Name(id=name, ctx=ast.Load()), node)
-
-
-def _multiline_rows(tree: ast.AST) -> set[int]:
-    """1-based rows that lie inside a multi-line literal (must stay untouched)."""
-    rows: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Constant, ast.JoinedStr)):
-            lo, hi = getattr(node, "lineno", None), getattr(node, "end_lineno", None)
-            if lo is not None and hi is not None and hi > lo:
-                rows.update(range(lo + 1, hi + 1))
-    return rows
-
-
-def _shrink_indent(text: str) -> str:
-    rows = _multiline_rows(ast.parse(text))
-    out = []
-    for i, line in enumerate(text.split("\n"), start=1):
-        if i in rows:
-            out.append(line)
-            continue
-        body = line.lstrip(" ")
-        if not body:
-            continue
-        lead = len(line) - len(body)
-        out.append(" " * (lead // 4) + body if lead % 4 == 0 else line)
-    return "\n".join(out) + "\n"
-
-
-def strip_source(src: str) -> str:
-    """Docstrings, comments and (safe) annotations removed; minified; AST-checked."""
-    tree = _strip_tree(src)
-    expected = ast.dump(tree)
-    hider = _FStringHider(src)
-    tree = hider.visit(tree)
-    text = ast.unparse(tree)
-    for name, seg in hider.repl.items():
-        if text.count(name) != 1:
-            raise RuntimeError(f"f-string placeholder {name} clashes with the source")
-        text = text.replace(name, seg)
-    for candidate in (_shrink_indent(text), text + "\n"):
-        try:
-            if ast.dump(ast.parse(candidate)) == expected:
-                return candidate
-        except SyntaxError:
-            pass
-    raise RuntimeError("stripped source does not round-trip to the same AST")
+    python-minifier writes code for the interpreter it runs on and has no target-version
+    option (dflook/python-minifier#148): on Python >= 3.12 it may reuse an f-string's quote
+    inside the f-string (PEP 701), which 3.10 cannot parse.  Its f-string printer for
+    < 3.12 is forced instead; the output is then the same on Python 3.10 to 3.13."""
+    with mock.patch.object(ExpressionPrinter, "visit_JoinedStr", _visit_joinedstr_py310):
+        return python_minifier.minify(src, **MINIFY_OPTIONS)
 
 
 # ---------------------------------------------------------------------------- pack
@@ -330,14 +155,14 @@ def _stub(call: str, codec: str) -> str:
             + PAYLOAD_FILENAME + '")\n')
 
 
-def build_artifact(src: str, codec: str = "auto", stripped: bool = False) -> str:
-    """Self-extracting artifact for ``src`` (stripped first unless ``stripped``).
+def build_artifact(src: str, codec: str = "auto", minified: bool = False) -> str:
+    """Self-extracting artifact for ``src`` (minified first unless ``minified``).
 
     The returned text is meant to be written with latin-1 encoding (it is pure ASCII
     for the b85/b64 codecs).  ``codec="auto"`` picks the smaller of b85 and b64;
     ``codec="latin1"`` (opt-in) stores the raw lzma bytes in a latin-1 string literal,
     about 18% smaller, but the file is then not valid UTF-8 (read it as bytes)."""
-    payload = src if stripped else strip_source(src)
+    payload = src if minified else minify_source(src)
     data = payload.encode("utf-8")
     codecs = ("b85", "b64") if codec == "auto" else (codec,)
     best = None
@@ -465,12 +290,12 @@ def _read_artifact(path: Path) -> str:
 
 def _build(src_path: Path, out_path: Path, codec: str) -> int:
     src = src_path.read_text(encoding="utf-8")
-    payload = strip_source(src)
-    art = build_artifact(payload, codec=codec, stripped=True)
+    payload = minify_source(src)
+    art = build_artifact(payload, codec=codec, minified=True)
     out_path.write_bytes(art.encode("latin-1"))
     n_src, n_pay, n_art = len(src.encode("utf-8")), len(payload.encode("utf-8")), len(art)
     print(f"source bytes: {n_src}")
-    print(f"stripped bytes: {n_pay}")
+    print(f"minified bytes: {n_pay}")
     print(f"artifact bytes: {n_art}")
     for p in check_py310(payload):
         print(f"WARNING: {p}", file=sys.stderr)
@@ -481,7 +306,7 @@ def _check(src_path: Path, out_path: Path, codec: str) -> int:
     fails = []
     try:
         src = src_path.read_text(encoding="utf-8")
-        payload = strip_source(src)
+        payload = minify_source(src)
     except FileNotFoundError:
         print(f"FAIL: source {src_path} not found", file=sys.stderr)
         return 1
@@ -489,7 +314,7 @@ def _check(src_path: Path, out_path: Path, codec: str) -> int:
         print(f"FAIL: {src_path} does not parse on Python {sys.version.split()[0]}: "
               f"line {e.lineno}: {e.msg}", file=sys.stderr)
         return 1
-    want = build_artifact(payload, codec=codec, stripped=True)
+    want = build_artifact(payload, codec=codec, minified=True)
     if not out_path.exists():
         fails.append(f"{out_path.name} is missing; build it with: python3 compress.py")
     else:
@@ -504,8 +329,8 @@ def _check(src_path: Path, out_path: Path, codec: str) -> int:
                              "(built with another Python/liblzma/codec?); rebuild with: "
                              "python3 compress.py")
             else:
-                fails.append(f"{out_path.name} is stale (differs from {src_path.name}); "
-                             "rebuild with: python3 compress.py")
+                fails.append(f"{out_path.name} is stale (differs from {src_path.name} minified by "
+                             f"python-minifier {_MINIFIER_VERSION}); rebuild with: python3 compress.py")
     fails += [f"payload: {p}" for p in check_py310(payload)]
     if fails:
         for f in fails:

@@ -8,7 +8,8 @@
 #   PREFLIGHT_ONLY=1 bash run.sh
 #                               GPU checks only
 #
-# Settings (environment): VARIANT=sp1024|sp8192 (data/tokenizer family, default sp1024),
+# Settings (environment): PRESET=seed|record (passed to the trainer; record defaults VARIANT to sp8192),
+# VARIANT=sp1024|sp8192 (data/tokenizer family, default sp1024),
 # TRAIN_SHARDS (default 80), NPROC (default: number of visible GPUs), PYTHON (default python3),
 # TRAIN_SCRIPT (default train_gpt.py, else train_gpt_human.py), MIN_FREE_MB (default 2048),
 # FINEWEB_MIRROR (copy data from this local folder laid out like the HF repo instead of downloading).
@@ -22,7 +23,8 @@ ROOT=$(pwd)
 
 PYTHON_GIVEN=${PYTHON:+1}
 PYTHON=${PYTHON:-python3}
-VARIANT=${VARIANT:-sp1024}
+PRESET=${PRESET:-seed}
+if [[ $PRESET == record ]]; then VARIANT=${VARIANT:-sp8192}; else VARIANT=${VARIANT:-sp1024}; fi
 TRAIN_SHARDS=${TRAIN_SHARDS:-80}
 MIN_FREE_MB=${MIN_FREE_MB:-2048}
 SHARD_MB=200 # one challenge train shard: 100M uint16 tokens

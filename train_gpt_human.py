@@ -48,6 +48,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class Hyperparameters:
+    preset: str = "seed"  # a row of PRESETS: its values replace the defaults below; the environment overrides both
     # data and run
     data_path: str = "./data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
@@ -71,9 +72,18 @@ class Hyperparameters:
     xsa_last_n: int = 11
     ve_dim: int = 128
     ve_layers: str = ""  # comma list; "" = the last two layers
-    engram_buckets: int = 8192
+    engram_buckets: int = 8192  # 0 = no EngramLite
     engram_dim: int = 32
     tied_embed_init_std: float = 0.005
+    leaky_slope: float = -1.0  # LeakyReLU slope of the MLP; -1 = the seed's per-layer slopes
+    num_loops: int = 0  # depth recurrence: layers LOOP_START..LOOP_END run NUM_LOOPS more times
+    loop_start: int = 3
+    loop_end: int = 5
+    loop_enable_at: float = 0.35  # fraction of training after which the loops switch on (eval always loops)
+    parallel_start: int = 0  # first layer with parallel residual lanes (attention | MLP); 0 = none
+    smear: str = "blend"  # blend: x <- x + sigmoid(g)(x_prev - x); gated: x += l*sigmoid(w.x[:12]) x_prev, not at BOS
+    attn_gate: int = 0  # per-head sparse output gate sigmoid(0.5 W_h x[:12]) after attention
+    doc_isolation: int = 0  # attention stays within documents (BOS boundaries), in training and eval
     # training
     train_seq_len: int = 2048
     eval_seq_len: int = 2048
@@ -82,6 +92,7 @@ class Hyperparameters:
     iterations: int = 20000
     warmup_steps: int = 20
     warmdown_iters: int = 3500
+    warmdown_frac: float = 0.0  # > 0: warm down over this last fraction of training (by wall-clock when capped)
     lr_floor: float = 0.05
     max_wallclock_seconds: float = 600.0
     val_loss_every: int = 0
@@ -97,10 +108,12 @@ class Hyperparameters:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     adam_wd: float = 0.04
+    embed_wd: float = 0.04
     muon_momentum: float = 0.99
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_backend_steps: int = 4
+    muon_variant: str = "turbo"  # turbo: AOL + Polar Express, then row/col norm; eqr: row norm, then Polar Express
     muon_wd: float = 0.04
     grad_clip_norm: float = 0.3
     # weight averaging and late QAT
@@ -144,11 +157,13 @@ class Hyperparameters:
         env = os.environ if env is None else env
         names = {f.name.upper(): f for f in dataclasses.fields(cls)}
         check_unknown_env(env, names)
-        values = {}
+        if env.get("PRESET", "seed") not in PRESETS:
+            raise ConfigError(f"PRESET={env['PRESET']!r} is not one of {', '.join(PRESETS)}")
+        values = dict(PRESETS[env.get("PRESET", "seed")])
         for name, f in names.items():
             if name in env:
                 try:
-                    values[f.name] = type(f.default)(env[name]) if not isinstance(f.default, float) else float(env[name])
+                    values[f.name] = (float if isinstance(f.default, float) else type(f.default))(env[name])
                 except ValueError:
                     raise ConfigError(f"{name}={env[name]!r} is not a valid {type(f.default).__name__}") from None
         hp = cls(**values)
@@ -157,14 +172,15 @@ class Hyperparameters:
 
     def validate(self):
         positive = ["vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
-                    "eval_seq_len", "train_batch_tokens", "eval_stride", "eval_batch_seqs", "engram_buckets",
+                    "eval_seq_len", "train_batch_tokens", "eval_stride", "eval_batch_seqs",
                     "engram_dim", "ttt_chunk_tokens", "ttt_batch_seqs", "muon_backend_steps",
                     "target_bytes", "gptq_block_size", "dist_timeout_seconds"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
         for name in ["iterations", "warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
-                     "gptq_calib_batches", "ttt_epochs", "ttt_freeze_blocks", "grad_accum_steps", "val_max_tokens"]:
+                     "gptq_calib_batches", "ttt_epochs", "ttt_freeze_blocks", "grad_accum_steps", "val_max_tokens",
+                     "engram_buckets", "ve_dim", "num_loops", "swa_every"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
         head_dim = self.model_dim // self.num_heads
@@ -179,18 +195,28 @@ class Hyperparameters:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {head_dim}")
         if not 2 <= self.quant_base_bits <= self.quant_max_bits <= 8:
             raise ConfigError("need 2 <= QUANT_BASE_BITS <= QUANT_MAX_BITS <= 8")
-        if self.ttt_optimizer not in ("muon", "sgd"):
-            raise ConfigError(f"TTT_OPTIMIZER must be 'muon' or 'sgd', got {self.ttt_optimizer!r}")
+        for name, allowed in (("ttt_optimizer", ("muon", "sgd")), ("smear", ("blend", "gated")),
+                              ("muon_variant", ("turbo", "eqr"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name.upper()} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
+            raise ConfigError(f"need 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
+        if not 0 <= self.parallel_start < self.num_layers:
+            raise ConfigError(f"PARALLEL_START={self.parallel_start} must be in 0..{self.num_layers - 1} (0 = off)")
+        if self.leaky_slope < 0 and self.leaky_slope != -1:
+            raise ConfigError(f"LEAKY_SLOPE must be >= 0, or -1 for the seed's per-layer slopes")
         if self.device not in ("", "cpu", "cuda"):
             raise ConfigError(f"DEVICE must be 'cpu' or 'cuda', got {self.device!r}")
         for f in dataclasses.fields(self):
             if isinstance(f.default, float) and not math.isfinite(getattr(self, f.name)):
                 raise ConfigError(f"{f.name.upper()} must be a finite number, got {getattr(self, f.name)}")
         for name in ["matrix_lr", "tied_embed_lr", "scalar_lr", "ttt_lr", "muon_wd", "adam_wd", "grad_clip_norm",
-                     "ttt_grad_clip", "eval_budget_seconds", "gptq_reserve_ms", "gptq_damp", "alloc_overshoot"]:
+                     "ttt_grad_clip", "eval_budget_seconds", "gptq_reserve_ms", "gptq_damp", "alloc_overshoot",
+                     "embed_wd"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
-        for name in ["ema_decay", "swa_start_scale", "ttt_polyak_decay", "qat_threshold", "lr_floor"]:
+        for name in ["ema_decay", "swa_start_scale", "ttt_polyak_decay", "qat_threshold", "lr_floor", "warmdown_frac",
+                     "loop_enable_at"]:
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name.upper()} must be in [0, 1], got {getattr(self, name)}")
         self.ve_layer_ids()
@@ -207,6 +233,20 @@ class Hyperparameters:
         return ids
 
 
+# PRESET=seed is the PR #1089 stack; PRESET=record is the class of the accepted record (PR #1855) and seed #1541:
+# SP8192, depth recurrence, parallel lanes, gated BOS-aware smear, sparse attention gate, document-isolated
+# attention, MuonEq-R, a flat-then-linear schedule by wall-clock and EMA only.
+PRESETS = {
+    "seed": {},
+    "record": dict(
+        data_path="./data/datasets/fineweb10B_sp8192", tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
+        vocab_size=8192, mlp_mult=4.0, leaky_slope=0.5, qk_gain_init=5.0, engram_buckets=0, ve_dim=0, num_loops=2,
+        parallel_start=8, smear="gated", attn_gate=1, doc_isolation=1, muon_variant="eqr", muon_backend_steps=5,
+        muon_momentum=0.97, matrix_lr=0.026, muon_wd=0.095, embed_beta1=0.9, adam_beta2=0.99, tied_embed_lr=0.03,
+        embed_wd=0.085, scalar_lr=0.02, adam_wd=0.02, warmdown_frac=0.85, lr_floor=0.10, ema_decay=0.9965,
+        swa_every=0, qat_threshold=0.0, gptq_reserve_ms=8000.0),
+}
+
 # torchrun and common system variables that share our prefixes but are not ours
 FOREIGN_ENV = {"MAX_JOBS", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "RUN_DIR", "DATA_DIR", "TRAIN_LOG"}
 
@@ -214,7 +254,8 @@ FOREIGN_ENV = {"MAX_JOBS", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "RUN_DIR", "DATA_DI
 def check_unknown_env(env, names):
     """A variable that looks like ours (distinctive prefix, or close to a real name) but is not one is
     an error: a misspelt TTT_EPOCH=2 must not run silently with the default."""
-    distinctive = {"TTT", "GPTQ", "MUON", "QAT", "EMA", "SWA", "XSA", "ENGRAM", "VE", "QUANT", "ADAM", "ROPE"}
+    distinctive = {"TTT", "GPTQ", "MUON", "QAT", "EMA", "SWA", "XSA", "ENGRAM", "VE", "QUANT", "ADAM", "ROPE", "LOOP",
+                   "SMEAR"}
     prefixes = {n.split("_")[0] for n in names}
     for key in env:
         if key in names or key in FOREIGN_ENV or "_" not in key:
@@ -308,7 +349,8 @@ def load_val_tokens(hp):
 
 def load_tokenizer(hp):
     if not os.path.isfile(hp.tokenizer_path):
-        raise ConfigError(f"tokenizer {hp.tokenizer_path} not found; set TOKENIZER_PATH or run data/fineweb.py download")
+        raise ConfigError(f"tokenizer {hp.tokenizer_path} not found; set TOKENIZER_PATH or run "
+                          f"data/fineweb.py download")
     sp = spm.SentencePieceProcessor(model_file=hp.tokenizer_path)
     if sp.vocab_size() != hp.vocab_size:
         raise ConfigError(f"tokenizer {hp.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE="
@@ -394,7 +436,8 @@ class Rotary(nn.Module):
     def __init__(self, dims, base):
         super().__init__()
         self.dims = dims
-        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims), persistent=False)
+        inv_freq = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x):  # x: (B, T, H, D)
         t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
@@ -405,14 +448,29 @@ class Rotary(nn.Module):
         return torch.cat([a * cos - b * sin, a * sin + b * cos, rest], dim=-1)
 
 
-def attention(q, k, v):
-    """Causal GQA attention on (B, T, H, D) tensors: FlashAttention-3 on CUDA when importable, else SDPA."""
-    if flash_attn_3 is not None and q.is_cuda:
+def attention(q, k, v, doc_mask=None):
+    """Causal GQA attention on (B, T, H, D) tensors: FlashAttention-3 on CUDA when importable, else SDPA.  With
+    doc_mask (B, 1, T, T; True = may attend) attention also stays inside each document (SDPA, masked)."""
+    if flash_attn_3 is not None and q.is_cuda and doc_mask is None:
         out = flash_attn_3(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=q.size(2) != k.size(2))
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=doc_mask,
+                                       is_causal=doc_mask is None, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
+
+
+def document_mask(ids):
+    """Block-diagonal causal mask: a position sees earlier positions of its own document (documents start at BOS;
+    a row's first document may have started before the row)."""
+    doc = (ids == BOS_ID).cumsum(dim=1)
+    return (doc[:, :, None] == doc[:, None, :]).tril().unsqueeze(1)
+
+
+GATE_WINDOW = 12  # the gated smear and the sparse attention gate read the first 12 channels
+
+
+def previous_token(x):
+    return F.pad(x, (0, 0, 1, 0))[:, :-1]
 
 
 class Block(nn.Module):
@@ -428,12 +486,13 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.tensor([1.0, 0.0]))  # x <- a*x + b*x0
         self.ve_scale = nn.Parameter(torch.tensor(1.0)) if use_ve else None
+        self.attn_gate = nn.Parameter(torch.zeros(hp.num_heads, GATE_WINDOW)) if hp.attn_gate else None
         self.ln_scale = 1.0 / math.sqrt(layer + 1)
-        self.slope = leaky_slopes(hp.num_layers)[layer]
+        self.slope = hp.leaky_slope if hp.leaky_slope >= 0 else leaky_slopes(hp.num_layers)[layer]
 
-    def forward(self, x, x0, banks, ve):
+    def attn(self, x, banks, ve, doc_mask):
+        """attn_scale * attention of the normed x (the branch alone, without the residual)."""
         i, n = self.layer, len(banks["mlp_up"])
-        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
         h = rms_norm(x) * self.ln_scale
         B, T, _ = h.shape
         q = self.q(h, banks["qo"][i]).view(B, T, self.num_heads, self.head_dim)
@@ -443,16 +502,36 @@ class Block(nn.Module):
             v = v + self.ve_scale.to(v.dtype) * ve.view_as(v)
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[:, None]
         k = self.rotary(rms_norm(k))
-        y = attention(q.to(v.dtype), k.to(v.dtype), v)  # autocast may leave the normed q, k in fp32
+        y = attention(q.to(v.dtype), k.to(v.dtype), v, doc_mask)  # autocast may leave the normed q, k in fp32
         if self.use_xsa:  # exclusive self-attention: drop the component along the token's own value
             group = self.num_heads // self.num_kv_heads
             y = y.view(B, T, self.num_kv_heads, group, self.head_dim)
             vn = F.normalize(v, dim=-1).unsqueeze(3)
-            y = y - (y * vn).sum(-1, keepdim=True) * vn
-        x = x + self.attn_scale.to(x.dtype) * self.o(y.reshape(B, T, -1), banks["qo"][n + i])
+            y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, self.num_heads, self.head_dim)
+        if self.attn_gate is not None:  # sparse per-head output gate, 0.5 at init
+            y = y * torch.sigmoid(0.5 * F.linear(h[..., :GATE_WINDOW], self.attn_gate.to(h.dtype)))[..., None]
+        return self.attn_scale.to(x.dtype) * self.o(y.reshape(B, T, -1), banks["qo"][n + i])
+
+    def mlp(self, x, banks):
         h = rms_norm(x) * self.ln_scale
-        h = F.leaky_relu(self.up(h, banks["mlp_up"][i]), self.slope).square()
-        return x + self.mlp_scale.to(x.dtype) * self.down(h, banks["mlp_down"][i])
+        h = F.leaky_relu(self.up(h, banks["mlp_up"][self.layer]), self.slope).square()
+        return self.mlp_scale.to(x.dtype) * self.down(h, banks["mlp_down"][self.layer])
+
+    def mix(self, x, x0):
+        return self.resid_mix[0] * x + self.resid_mix[1] * x0
+
+    def forward(self, x, x0, banks, ve, doc_mask):
+        x = self.mix(x, x0)
+        x = x + self.attn(x, banks, ve, doc_mask)
+        return x + self.mlp(x, banks)
+
+    def forward_lanes(self, lanes, x0, banks, ve, doc_mask, post, resid):
+        """Parallel residual lanes: attention reads lane 0 (mixed with x0), the MLP reads lane 1, both before this
+        layer; each output reaches both lanes through learned scalars (post: 2 branches x 2 lanes)."""
+        a = self.attn(self.mix(lanes[0], x0), banks, ve, doc_mask)
+        m = self.mlp(lanes[1], banks)
+        return [resid[j].to(a.dtype) * lanes[j] + post[0, j].to(a.dtype) * a + post[1, j].to(a.dtype) * m
+                for j in range(2)]
 
 
 class EngramLite(nn.Module):
@@ -481,6 +560,16 @@ class EngramLite(nn.Module):
         return torch.sigmoid(self.gate).to(e.dtype) * F.linear(e, self.proj.to(e.dtype))
 
 
+def layer_order(hp, looping):
+    """(encoder, decoder) physical layer indices.  With depth recurrence on, LOOP_START..LOOP_END repeat NUM_LOOPS
+    more times (11 layers, 3..5 twice more: encoder 0,1,2,3,4,5,3,4 and decoder 5,3,4,5,6,...,10)."""
+    order = list(range(hp.num_layers))
+    if looping and hp.num_loops:
+        loop = order[hp.loop_start:hp.loop_end + 1]
+        order = order[:hp.loop_start] + loop * (hp.num_loops + 1) + order[hp.loop_end + 1:]
+    return order[:len(order) // 2], order[len(order) // 2:]
+
+
 class GPT(nn.Module):
     """One class for training, Hessian collection, eval and TTT.  Per-layer matrices live in four 3-D banks:
     qo (q for layers 0..L-1, o for L..2L-1), kv (k, then v), mlp_up, mlp_down."""
@@ -489,24 +578,33 @@ class GPT(nn.Module):
         super().__init__()
         L, d = hp.num_layers, hp.model_dim
         kv_dim = hp.num_kv_heads * (d // hp.num_heads)
-        self.softcap = hp.logit_softcap
+        self.hp, self.softcap = hp, hp.logit_softcap
+        self.looping = hp.num_loops > 0  # eval and TTT always loop; training switches the loops on late
         self.qo = nn.Parameter(torch.empty(2 * L, d, d))
         self.kv = nn.Parameter(torch.empty(2 * L, kv_dim, d))
         self.mlp_up = nn.Parameter(torch.empty(L, int(hp.mlp_mult * d), d))
         self.mlp_down = nn.Parameter(torch.zeros(L, d, int(hp.mlp_mult * d)))
         self.tok_emb = nn.Embedding(hp.vocab_size, d)
-        self.engram = EngramLite(hp)
-        self.smear_gate = nn.Parameter(torch.zeros(d))
-        ve_ids = hp.ve_layer_ids()
-        self.ve_table = nn.Embedding(hp.vocab_size, hp.ve_dim)
-        self.ve_proj = nn.Parameter(torch.zeros(kv_dim, hp.ve_dim))
+        self.engram = EngramLite(hp) if hp.engram_buckets else None
+        if hp.smear == "gated":
+            self.smear_w = nn.Parameter(torch.zeros(GATE_WINDOW))
+            self.smear_lambda = nn.Parameter(torch.zeros(()))
+        else:
+            self.smear_gate = nn.Parameter(torch.zeros(d))
+        ve_ids = hp.ve_layer_ids() if hp.ve_dim else []
+        if hp.ve_dim:
+            self.ve_table = nn.Embedding(hp.vocab_size, hp.ve_dim)
+            self.ve_proj = nn.Parameter(torch.zeros(kv_dim, hp.ve_dim))
+            nn.init.normal_(self.ve_table.weight, std=0.01)
         xsa_from = L - min(hp.xsa_last_n, L)
         self.blocks = nn.ModuleList(Block(hp, i, i >= xsa_from, i in ve_ids) for i in range(L))
-        self.num_encoder = L // 2
-        self.skip_weights = nn.Parameter(torch.ones(L - self.num_encoder, d))
-        self.skip_gates = nn.Parameter(torch.zeros(L - self.num_encoder, d))  # sigmoid(0) = 0.5
+        n_skips = len(layer_order(hp, True)[1])
+        self.skip_weights = nn.Parameter(torch.ones(n_skips, d))
+        self.skip_gates = nn.Parameter(torch.zeros(n_skips, d))  # sigmoid(0) = 0.5
+        if hp.parallel_start:
+            self.lane_post = nn.Parameter(torch.ones(L, 2, 2))
+            self.lane_resid = nn.Parameter(torch.full((L, 2), 1.1))
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
-        nn.init.normal_(self.ve_table.weight, std=0.01)
         self.init_banks(hp)
 
     @torch.no_grad()
@@ -525,20 +623,43 @@ class GPT(nn.Module):
     def banks(self):
         return {"qo": self.qo, "kv": self.kv, "mlp_up": self.mlp_up, "mlp_down": self.mlp_down}
 
+    def embed(self, ids):
+        x = self.tok_emb(ids)
+        if self.engram is not None:
+            x = x + self.engram(ids)
+        if self.hp.smear == "gated":  # add the previous token, gated by this one, never across a BOS
+            gate = torch.sigmoid(F.linear(x[..., :GATE_WINDOW], self.smear_w[None].to(x.dtype)))
+            keep = (ids != BOS_ID)[..., None].to(x.dtype)
+            return rms_norm(x + self.smear_lambda.to(x.dtype) * gate * previous_token(x) * keep)
+        x = rms_norm(x)
+        return x + torch.sigmoid(self.smear_gate).to(x.dtype) * (previous_token(x) - x)  # causal blend
+
     def forward(self, ids, targets, reduction="mean"):
-        x = rms_norm(self.tok_emb(ids) + self.engram(ids))
-        g = torch.sigmoid(self.smear_gate).to(x.dtype)  # SmearGate: causal blend with the previous token
-        x = x0 = x + g * (F.pad(x, (0, 0, 1, 0))[:, :-1] - x)
-        ve = 0.1 * F.linear(self.ve_table(ids), self.ve_proj.to(x.dtype))
-        banks, skips = self.banks(), []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:  # U-Net: decoder layers blend in encoder outputs, LIFO
-                j = i - self.num_encoder
+        x = x0 = self.embed(ids)
+        ve = 0.1 * F.linear(self.ve_table(ids), self.ve_proj.to(x.dtype)) if self.hp.ve_dim else None
+        doc_mask = document_mask(ids) if self.hp.doc_isolation else None
+        banks, skips, lanes = self.banks(), [], None
+        encoder, decoder = layer_order(self.hp, self.looping)
+        for i in encoder:
+            x = self.blocks[i](x, x0, banks, ve, doc_mask)
+            skips.append(x)
+        for j, i in enumerate(decoder):
+            if self.hp.parallel_start and i >= self.hp.parallel_start and lanes is None:
+                lanes = [x, x]
+            if skips:  # U-Net: decoder layers blend in encoder outputs, LIFO (into lane 0 when lanes run)
                 skip = self.skip_weights[j].to(x.dtype) * skips.pop()
-                x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
-            x = block(x, x0, banks, ve)
-            if i < self.num_encoder:
-                skips.append(x)
+                gate = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
+                if lanes is None:
+                    x = torch.lerp(skip, x, gate)
+                else:
+                    lanes[0] = torch.lerp(skip, lanes[0], gate)
+            block = self.blocks[i]
+            if lanes is None:
+                x = block(x, x0, banks, ve, doc_mask)
+            else:
+                lanes = block.forward_lanes(lanes, x0, banks, ve, doc_mask, self.lane_post[i], self.lane_resid[i])
+        if lanes is not None:
+            x = 0.5 * (lanes[0] + lanes[1])
         logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype)).float()
         logits = self.softcap * torch.tanh(logits / self.softcap)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
@@ -548,8 +669,14 @@ class GPT(nn.Module):
 # Optimizers: Turbo-Muon for matrices (Parallel Muon across ranks), AdamW or SGD for the rest
 # ----------------------------------------------------------------------------------------------------
 
-# Polar Express quintic coefficients (Amsel et al., arXiv:2505.16932) without the first, which AOL
-# preconditioning makes unnecessary; steps past the table reuse its last entry.
+# Polar Express quintic coefficients (Amsel et al., arXiv:2505.16932).  POLAR_EXPRESS starts after AOL
+# preconditioning (which replaces the first step); POLAR_EXPRESS_FROB is the 5-step set the record uses after a
+# Frobenius normalisation.  Steps past a table reuse its last entry.
+POLAR_EXPRESS_FROB = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+                      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
 POLAR_EXPRESS = [(4.107059111542203, -2.9478499167379106, 0.5448431082926601),
                  (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
                  (3.3184196573706015, -2.488488024314874, 0.51004894012372),
@@ -558,30 +685,37 @@ POLAR_EXPRESS = [(4.107059111542203, -2.9478499167379106, 0.5448431082926601),
                  (1.875, -1.25, 0.375)]
 
 
-def newton_schulz(G, steps):
+def newton_schulz(G, steps, aol=True):
     """Approximate the orthogonal polar factor of G (2-D or batched 3-D)."""
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
-    A = X @ X.mT
-    # AOL: scaling row i by 1/sqrt(sum_j |A_ij|) bounds the spectral norm by 1 (Gershgorin) and
-    # equilibrates the rows, so the iteration starts closer to convergence than a Frobenius normalisation.
-    s = 1.0 / (A.abs().sum(dim=-1).sqrt() + 1e-7)
-    X, A = X * s.unsqueeze(-1), A * s.unsqueeze(-1) * s.unsqueeze(-2)
+    coeffs = POLAR_EXPRESS if aol else POLAR_EXPRESS_FROB
+    if aol:
+        # AOL: scaling row i by 1/sqrt(sum_j |A_ij|) bounds the spectral norm by 1 (Gershgorin) and
+        # equilibrates the rows, so the iteration starts closer to convergence than a Frobenius normalisation.
+        A = X @ X.mT
+        s = 1.0 / (A.abs().sum(dim=-1).sqrt() + 1e-7)
+        X = X * s.unsqueeze(-1)
+    else:
+        X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for i in range(steps):
-        a, b, c = POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)]
-        if i:
-            A = X @ X.mT
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
+        A = A * s.unsqueeze(-1) * s.unsqueeze(-2) if aol and i == 0 else X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if transposed else X
 
 
-def turbo_muon_update(G, steps):
-    """Newton-Schulz, then row-then-column normalisation, times the shape-aware scale."""
-    X = newton_schulz(G, steps).float()
-    X = X / (X.norm(dim=-1, keepdim=True) + 1e-7)
-    X = X / (X.norm(dim=-2, keepdim=True) + 1e-7)
+def muon_update(G, steps, variant):
+    """turbo: Newton-Schulz with AOL, then row-then-column normalisation.  eqr (MuonEq-R): rows normalised first,
+    then Newton-Schulz.  Either way times the shape-aware scale."""
+    if variant == "eqr":
+        X = newton_schulz(G / G.norm(dim=-1, keepdim=True).clamp_min(1e-7), steps, aol=False).float()
+    else:
+        X = newton_schulz(G, steps).float()
+        X = X / (X.norm(dim=-1, keepdim=True) + 1e-7)
+        X = X / (X.norm(dim=-2, keepdim=True) + 1e-7)
     return X * max(1.0, G.size(-2) / G.size(-1)) ** 0.5
 
 
@@ -590,9 +724,10 @@ class Muon:
     Across W ranks: each bank's gradient is reduce-scattered over its first dim, every rank orthogonalises
     its own shard, and an all-gather brings the updates back (no DDP, no redundant Newton-Schulz)."""
 
-    def __init__(self, params, lr, momentum, wd, steps, world_size):
+    def __init__(self, params, lr, momentum, wd, steps, world_size, variant="turbo"):
         self.params = sorted(params, key=lambda p: p.numel(), reverse=True)  # largest first: longest comms first
         self.lr, self.momentum, self.wd, self.steps, self.world_size = lr, momentum, wd, steps, world_size
+        self.variant = variant
         self.buffers = [torch.zeros_like(self._padded(p.detach())[:self._shard(p)]) for p in self.params]
 
     def _padded(self, t):
@@ -621,7 +756,7 @@ class Muon:
         for p, (g, _), buf in zip(self.params, shards, self.buffers):
             g = g * clip
             buf.mul_(self.momentum).add_(g)
-            update = turbo_muon_update(g.add(buf, alpha=self.momentum), self.steps).to(p.dtype)  # Nesterov
+            update = muon_update(g.add(buf, alpha=self.momentum), self.steps, self.variant).to(p.dtype)  # Nesterov
             if self.world_size == 1:
                 pending.append((p, update, None))
                 continue
@@ -693,16 +828,19 @@ class Optimizers:
 
 
 def matrix_params(model):
-    return [model.qo, model.kv, model.mlp_up, model.mlp_down, model.engram.proj, model.ve_proj]
+    extra = ([model.engram.proj] if model.engram is not None else []) + ([model.ve_proj] if model.hp.ve_dim else [])
+    return [model.qo, model.kv, model.mlp_up, model.mlp_down] + extra
 
 
 def build_optimizers(model, hp, world_size):
     matrices = {id(p) for p in matrix_params(model)}
-    tables = [model.tok_emb.weight, model.engram.table.weight, model.ve_table.weight]
+    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     scalars = [p for p in model.parameters() if id(p) not in matrices and all(p is not t for t in tables)]
-    muon = Muon(matrix_params(model), hp.matrix_lr, hp.muon_momentum, hp.muon_wd, hp.muon_backend_steps, world_size)
+    muon = Muon(matrix_params(model), hp.matrix_lr, hp.muon_momentum, hp.muon_wd, hp.muon_backend_steps, world_size,
+                hp.muon_variant)
     adam = torch.optim.AdamW(
-        [{"params": tables, "lr": hp.tied_embed_lr, "betas": (hp.embed_beta1, hp.adam_beta2)},
+        [{"params": tables, "lr": hp.tied_embed_lr, "betas": (hp.embed_beta1, hp.adam_beta2),
+          "weight_decay": hp.embed_wd},
          {"params": scalars, "lr": hp.scalar_lr, "betas": (hp.adam_beta1, hp.adam_beta2)}],
         eps=hp.adam_eps, weight_decay=hp.adam_wd)
     return Optimizers(muon, adam, hp.grad_clip_norm, world_size)
@@ -761,11 +899,19 @@ def log_compiled_graphs(hp, rt, phase):
                f"limit:{COMPILE_GRAPH_LIMIT}")
 
 
+def training_progress(hp, step, elapsed_ms, cap_ms):
+    """Fraction of the run done: by steps, or by wall-clock when the cap comes first."""
+    return max(step / max(hp.iterations, 1), elapsed_ms / cap_ms if cap_ms else 0.0)
+
+
 def lr_scale(hp, step, elapsed_ms, cap_ms):
-    """1.0, then a linear warmdown to LR_FLOOR over the last WARMDOWN_ITERS steps; when the wall-clock cap
-    binds, the warmdown is placed by time, estimating the remaining steps from the measured step time."""
+    """1.0, then a linear warmdown to LR_FLOOR: over the last WARMDOWN_FRAC of the run when that is set, else over
+    the last WARMDOWN_ITERS steps, placed by time when the wall-clock cap binds (remaining steps estimated from
+    the measured step time)."""
     scale = 1.0
-    if hp.warmdown_iters:
+    if hp.warmdown_frac:
+        scale = min(1.0, (1 - training_progress(hp, step, elapsed_ms, cap_ms)) / hp.warmdown_frac)
+    elif hp.warmdown_iters:
         scale = min(1.0, (hp.iterations - step) / hp.warmdown_iters)
         if cap_ms > 0 and step > 0:
             warmdown_ms = min(hp.warmdown_iters * elapsed_ms / step, cap_ms)
@@ -829,13 +975,15 @@ def train(model, hp, rt, val_tokens, luts):
     if hp.warmup_steps:  # compile/warm-up steps; the model and optimizer state are restored afterwards
         saved = copy.deepcopy(model.state_dict()), opt.state_dict()
         loader = DistributedTokenLoader(files, hp.vocab_size, rt.rank, rt.world_size, rt.device)
-        for i in range(hp.warmup_steps):  # the last one runs with late QAT on, so its graph is compiled untimed
-            BankLinear.qat_enabled = hp.qat_threshold > 0 and i == hp.warmup_steps - 1
+        for i in range(hp.warmup_steps):  # the last one with late QAT on and the second half looped, so that
+            BankLinear.qat_enabled = hp.qat_threshold > 0 and i == hp.warmup_steps - 1  # every graph compiles untimed
+            model.looping = hp.num_loops > 0 and i >= hp.warmup_steps // 2
             train_step(step_model, opt, loader, hp, rt, accum, 1.0)
         BankLinear.qat_enabled = False
         model.load_state_dict(saved[0])
         opt.load_state_dict(saved[1])
     loader = DistributedTokenLoader(files, hp.vocab_size, rt.rank, rt.world_size, rt.device)
+    model.looping = False
     averager = WeightAverager(model, hp)
     cap_ms = max(hp.max_wallclock_seconds * 1000 - hp.gptq_reserve_ms, 0) if hp.max_wallclock_seconds else 0
     train_ms, step, last_loss, stop, elapsed = 0.0, 0, float("nan"), False, 0.0
@@ -854,6 +1002,11 @@ def train(model, hp, rt, val_tokens, luts):
             break
         scale = lr_scale(hp, step, elapsed, cap_ms)
         set_late_qat(hp, rt, scale, step)
+        progress = training_progress(hp, step, elapsed, cap_ms)
+        if hp.num_loops and not model.looping and progress >= hp.loop_enable_at:
+            model.looping = True
+            rt.log(f"layer_loop:enabled step:{step} progress:{progress:.3f} encoder:{layer_order(hp, True)[0]} "
+                   f"decoder:{layer_order(hp, True)[1]}")
         frac = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps else 1.0
         opt.muon.momentum = (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
         loss = train_step(step_model, opt, loader, hp, rt, accum, scale)
@@ -880,6 +1033,7 @@ def train(model, hp, rt, val_tokens, luts):
         rt.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     BankLinear.qat_enabled = False
+    model.looping = hp.num_loops > 0  # Hessians, eval and TTT run the looped model
     averager.apply(model, rt)
     log_weight_checksums(model, rt)
     log_compiled_graphs(hp, rt, "train")
@@ -902,7 +1056,8 @@ def log_weight_checksums(model, rt):
     sums = [hashlib.sha256(raw).hexdigest()[:16]] * rt.world_size
     if rt.world_size > 1:
         dist.all_gather_object(sums, sums[0])
-    rt.log("weights_sha256 " + " ".join(f"rank{r}:{d}" for r, d in enumerate(sums)) + f" ranks_agree:{len(set(sums)) == 1}")
+    per_rank = " ".join(f"rank{r}:{d}" for r, d in enumerate(sums))
+    rt.log(f"weights_sha256 {per_rank} ranks_agree:{len(set(sums)) == 1}")
 
 
 def set_late_qat(hp, rt, scale, step):
@@ -1030,7 +1185,8 @@ def collect_hessians(model, hp, rt):
         for name, key in (("q", "attn_in"), ("o", "attn_out"), ("up", "mlp_in"), ("down", "mlp_hidden")):
             handles.append(getattr(block, name).register_forward_hook(hook(f"{key}.{i}")))
     accum = grad_accum_steps(hp, rt.world_size)
-    loader = DistributedTokenLoader(shard_files(hp.data_path, "train"), hp.vocab_size, rt.rank, rt.world_size, rt.device)
+    files = shard_files(hp.data_path, "train")
+    loader = DistributedTokenLoader(files, hp.vocab_size, rt.rank, rt.world_size, rt.device)
     was_training = model.training
     model.eval()
     for _ in range(hp.gptq_calib_batches):
@@ -1189,7 +1345,8 @@ def deserialize(blob):
             pos += 2 * rows
             state[name] = (codes.view(rows, -1).float() * scale[:, None]).view(shape)
         else:
-            state[name] = torch.from_numpy(unshuffle_bytes(blob[pos:pos + 2 * numel], numel).astype(np.float32)).view(shape)
+            values = unshuffle_bytes(blob[pos:pos + 2 * numel], numel).astype(np.float32)
+            state[name] = torch.from_numpy(values).view(shape)
             pos += 2 * numel
     if pos != len(blob) - 4:
         fail("payload length does not match the tensor table")
@@ -1526,7 +1683,8 @@ def main():
         t0 = time.perf_counter()
         hessians = collect_hessians(model, hp, rt)
         hessian_ms = 1000 * (time.perf_counter() - t0)
-        rt.log(f"gptq:hessians batches:{hp.gptq_calib_batches} time:{hessian_ms:.0f}ms reserve:{hp.gptq_reserve_ms:.0f}ms "
+        rt.log(f"gptq:hessians batches:{hp.gptq_calib_batches} time:{hessian_ms:.0f}ms "
+               f"reserve:{hp.gptq_reserve_ms:.0f}ms "
                f"train+hessians:{train_ms + hessian_ms:.0f}ms cap:{hp.max_wallclock_seconds * 1000:.0f}ms "
                f"within_cap:{not hp.max_wallclock_seconds or train_ms + hessian_ms <= hp.max_wallclock_seconds * 1000}")
         if hp.snapshot_post_hessian:
@@ -1576,7 +1734,8 @@ def run_eval_phase(artifact_path, val_tokens, hp, rt, luts):
     if hp.ttt_enabled:
         t0 = time.perf_counter()
         loss, bpb, adapted, n_chunks = eval_ttt(scorer, val_tokens, hp, rt, luts, eval_start)
-        rt.log(f"final_int6_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms "
+        rt.log(f"final_int6_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
+               f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms "
                f"chunks_adapted:{adapted}/{n_chunks}")
     log_compiled_graphs(hp, rt, "eval")
     rt.log(f"eval_phase_time:{time.perf_counter() - eval_start:.1f}s")

@@ -40,15 +40,25 @@ def one_thread():
     torch.set_num_threads(saved)
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
-    """Shards from the first 300 documents of the shared corpus (40 validation docs), sp1024."""
+def tiny_shards(tmp_path_factory, tokenizer):
+    """Shards from the first 300 documents of the shared corpus (40 validation docs)."""
     require_shared()
     import fineweb
 
-    out = tmp_path_factory.mktemp("tiny_data")
-    fineweb.build_shards(CORPUS, TOKENIZER_1024, out, val_docs=40, max_docs=300)
+    out = tmp_path_factory.mktemp(f"tiny_data_{tokenizer.stem}")
+    fineweb.build_shards(CORPUS, tokenizer, out, val_docs=40, max_docs=300)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    return tiny_shards(tmp_path_factory, TOKENIZER_1024)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_8192(tmp_path_factory):
+    """The same documents as tiny_data, tokenized with the sp8192 tokenizer (the record preset's)."""
+    return tiny_shards(tmp_path_factory, TOKENIZER_8192)
 
 
 @pytest.fixture

@@ -63,7 +63,11 @@ def test_smoke_run_sh_runs_the_whole_pipeline(tmp_path):
 
 def test_readme_settings_table_matches_the_script():
     readme = (REPO / "README.md").read_text()
-    rows = dict(re.findall(r"^\| `([A-Z0-9_]+)` \| ([^|]+) \|", readme, flags=re.M))
+    cells = re.findall(r"^\| `([A-Z0-9_]+)` \| ([^|]+) \|([^|]*)\|", readme, flags=re.M)
+    table = {name: (default, record.strip()) for name, default, record in cells}
+    rows = {name: default for name, (default, _) in table.items()}
+    record = {name: cell.strip("`") for name, (_, cell) in table.items() if cell}
+    assert record == {k.upper(): str(v) for k, v in tg.PRESETS["record"].items()}
     fields = {f.name.upper(): f.default for f in dataclasses.fields(tg.Hyperparameters)}
     assert set(rows) == set(fields), (set(rows) ^ set(fields))
     for name, default in fields.items():

@@ -2,6 +2,7 @@
 import ast
 import glob
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -54,8 +55,8 @@ SAMPLE = textwrap.dedent('''\
         # COMMENT_MARKER_2
         "a bare string statement"
         y: float
-        z: float = x * k
-        return z
+        scaled_local_marker: float = x * k
+        return scaled_local_marker
 
 
     def fmt(d: dict) -> str:
@@ -79,17 +80,6 @@ SAMPLE = textwrap.dedent('''\
     if __name__ == "__main__":
         main()
 ''')
-
-
-def _no_docstrings(tree: ast.AST) -> ast.AST:
-    """Independent reference: drop docstrings only."""
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
-                node.body = body[1:] or [ast.Pass()]
-    return tree
 
 
 def _run(args, cwd=None, env=None, python=None):
@@ -116,8 +106,8 @@ def _other_python(minor):
 
 
 @pytest.fixture(scope="module")
-def stripped():
-    return compress.strip_source(SAMPLE)
+def minified():
+    return compress.minify_source(SAMPLE)
 
 
 @pytest.fixture(scope="module")
@@ -125,77 +115,88 @@ def artifact():
     return compress.build_artifact(SAMPLE)
 
 
-def test_comments_and_docstrings_gone(stripped):
+def test_comments_and_docstrings_gone(minified):
     for marker in ("MODULE_DOC_MARKER", "CLASS_DOC_MARKER", "FUNC_DOC_MARKER", "ONLY_DOC_MARKER",
                    "COMMENT_MARKER", "a bare string statement", "only a docstring"):
-        assert marker not in stripped
-    toks = list(tokenize.generate_tokens(io.StringIO(stripped).readline))
+        assert marker not in minified
+    toks = list(tokenize.generate_tokens(io.StringIO(minified).readline))
     assert not [t for t in toks if t.type == tokenize.COMMENT]
-    assert "\n\n" not in stripped
-    assert len(stripped) < len(SAMPLE)
+    assert not [n for n in ast.walk(ast.parse(minified)) if isinstance(n, ast.Expr)
+                and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)]
+    assert "\n\n" not in minified
+    assert len(minified) < 0.6 * len(SAMPLE)
 
 
-def test_stripped_ast_equal_to_original_minus_docstrings():
-    src = textwrap.dedent('''\
-        """doc"""
-        import math  # c
-        class A:
-            """doc"""
-            def f(self, x):
-                """doc"""
-                # c
-                msg = (f"{x!r:>{4}}"  # c
-                       f'{x:{"0"}3}'
-                       "tail")
-                block = f"""first {x}
-            second line, indented {'x'}
-        """
-                return math.sqrt(x) + len(msg) + len(block)
-        def g():
-            """doc"""
-        print(A().f(4.0), g())
-    ''')
-    out = compress.strip_source(src)
-    assert ast.dump(ast.parse(out)) == ast.dump(_no_docstrings(ast.parse(src)))
+def _defs(tree):
+    return {n.name: n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
 
 
-def test_stripped_ast_equal_to_strip_tree(stripped):
-    assert ast.dump(ast.parse(stripped)) == ast.dump(compress._strip_tree(SAMPLE))
+def test_locals_renamed_globals_and_keyword_names_kept(minified):
+    tree = ast.parse(minified)
+    names = {t.string for t in tokenize.generate_tokens(io.StringIO(minified).readline) if t.type == tokenize.NAME}
+    assert "scaled_local_marker" not in names and "who" not in names  # function locals
+    assert {"self", "args", "kw", "h"}.isdisjoint(names)
+    top = [{n.name for n in t.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+           for t in (tree, ast.parse(SAMPLE))]
+    assert top[0] == top[1] == {"Hyper", "Plain", "Counter", "scale", "fmt", "only_doc", "main"}
+    a = _defs(tree)["scale"].args
+    # parameters that callers can name keep their names; *args / **kw do not need them
+    assert [x.arg for x in a.args] == ["x", "k"] and [x.arg for x in a.kwonlyargs] == ["key"]
+    assert len(a.vararg.arg) == 1 and len(a.kwarg.arg) == 1
 
 
-def test_annotations(stripped):
-    tree = ast.parse(stripped)
-    funcs = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+def test_annotations(minified):
+    tree = ast.parse(minified)
+    funcs = _defs(tree)
     a = funcs["scale"].args
     assert all(x.annotation is None for x in [*a.args, *a.kwonlyargs, a.vararg, a.kwarg])
     assert funcs["scale"].returns is None and funcs["main"].returns is None
-    # dataclass fields keep their annotations
-    assert "lr: float = float(" in stripped and "tags: list = field(" in stripped
-    # plain class (no decorator / base): bare annotation dropped, valued one -> assignment
-    assert "total" not in stripped and "start = 10" in stripped
-    assert "self.value = self.start" in stripped
-    # function-local annotations
-    assert "y:" not in stripped and "z = x * k" in stripped
+    # dataclass fields keep names and annotations
+    fields = [(n.target.id, ast.unparse(n.annotation)) for n in funcs["Hyper"].body if isinstance(n, ast.AnnAssign)]
+    assert fields == [("lr", "float"), ("steps", "int"), ("tags", "list"), ("name", "str")]
+    # other class attributes keep theirs too (remove_class_attribute_annotations=False)
+    assert "total:int;start:int=10" in minified
+    # attribute and function-local annotations go ("y: float" stays a local, annotated 0)
+    assert ".value=" in minified and "value:" not in minified
+    assert "float" not in ast.unparse(funcs["scale"])
 
 
-def test_unknown_decorator_keeps_annotations():
-    src = textwrap.dedent('''\
-        import functools
-        def jit(fn):
-            return fn
-        @jit
-        def kernel(x_ptr, BLOCK: "constexpr", n: int = 4) -> None:
-            pass
-        @staticmethod
-        def plain(a: int) -> int:
-            return a
-        @functools.lru_cache(maxsize=None)
-        def cached(a: int) -> int:
-            return a
-    ''')
-    out = compress.strip_source(src)
-    assert "BLOCK: 'constexpr'" in out and "n: int=4" in out and "-> None" in out
-    assert "def plain(a):" in out and "def cached(a):" in out
+BEHAVIOUR_SRC = textwrap.dedent('''\
+    """doc"""
+    import math  # c
+    class A:
+        """doc"""
+        def f(self, x):
+            """doc"""
+            # c
+            msg = (f"{x!r:>{4}}"  # c
+                   f'{x:{"0"}3}'
+                   "tail")
+            block = f"""first {x}
+        second line, indented {'x'}
+    """
+            label = f"{'big' if x > 2 else 'small'}"
+            return math.sqrt(x) + len(msg) + len(block), msg, block, label
+    def g(*values, sep="-", **named):
+        """doc"""
+        joined_values_marker = sep.join(str(v) for v in values)
+        return joined_values_marker + str(sorted(named.items()))
+    print(A().f(4.0), g(1, 2, sep="+", z=3))
+''')
+
+
+def test_minified_behaves_like_original(tmp_path):
+    out = compress.minify_source(BEHAVIOUR_SRC)
+    assert "joined_values_marker" not in out and "doc" not in out
+    ast.parse(out, feature_version=(3, 10))
+    results = []
+    for name, text in (("orig.py", BEHAVIOUR_SRC), ("mini.py", out)):
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        res = _run([str(tmp_path / name)])
+        assert res.returncode == 0, res.stderr
+        results.append(res.stdout)
+    assert results[0] == results[1]
+    assert "'big'" in results[0] and "1+2[('z', 3)]" in results[0]
 
 
 def test_dataclass_annotations_survive_execution(artifact, tmp_path):
@@ -208,10 +209,9 @@ def test_dataclass_annotations_survive_execution(artifact, tmp_path):
     assert res.stdout.strip() == "['lr', 'steps', 'tags', 'name'] 3"
 
 
-def test_round_trip(stripped, artifact):
+def test_round_trip(minified, artifact):
     payload = compress.payload_of(artifact)
-    assert payload == stripped
-    assert ast.dump(ast.parse(payload)) == ast.dump(ast.parse(stripped))
+    assert payload == minified
     assert len(artifact) < len(SAMPLE)
     assert artifact.isascii()
     ast.parse(artifact, feature_version=(3, 10))
@@ -239,7 +239,7 @@ def test_build_prints_sizes(tmp_path):
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0] == f"source bytes: {len(SAMPLE.encode())}"
-    assert lines[1].startswith("stripped bytes: ")
+    assert lines[1] == f"minified bytes: {len(compress.minify_source(SAMPLE).encode())}"
     assert lines[2] == f"artifact bytes: {out.stat().st_size}"
 
 
@@ -255,9 +255,9 @@ def test_artifact_behaves_like_source(artifact, tmp_path):
     la, lb = a.stdout.splitlines(), b.stdout.splitlines()
     assert "who alice env hello" in la[0] and "lr=0.25" in la[1] and la[3] == "name __main__"
     assert la[:3] == lb[:3] and la[3] == lb[3]
-    # inspect.getsource works on payload functions (annotations stripped there)
+    # inspect.getsource works on payload functions (minified there)
     assert la[4] == "src def scale(x: float, k: float = 2.0, *args: int, key: str = \"a\", **kw: str) -> float:"
-    assert lb[4] == "src def scale(x, k=2.0, *args, key='a', **kw):"
+    assert lb[4] == "src def scale(x,k=2.,*B,key='a',**C):D:0;A=x*k;return A"
     # imported (not run as a script): the __main__ block must not run
     imp = _run(["-c", "import train_gpt; print('imported', train_gpt.__name__)"], cwd=tmp_path)
     assert imp.returncode == 0, imp.stderr
@@ -278,7 +278,7 @@ def test_artifact_runs_on_python310(artifact, tmp_path):
 def test_latin1_codec_round_trip_and_runs(tmp_path):
     art = compress.build_artifact(SAMPLE, codec="latin1")
     assert art.startswith("#coding:l1\n")
-    assert compress.payload_of(art) == compress.strip_source(SAMPLE)
+    assert compress.payload_of(art) == compress.minify_source(SAMPLE)
     assert len(art) < len(compress.build_artifact(SAMPLE))
     path = tmp_path / "train_gpt.py"
     path.write_bytes(art.encode("latin-1"))
@@ -320,22 +320,38 @@ def test_check_catches_312_only_fstring(tmp_path):
     assert compress.check_py310(BAD_FSTRING)
 
 
-def test_pep701_token_check_on_py312(tmp_path):
-    py312 = _other_python(12)
-    if py312 is None:
-        pytest.skip("no Python 3.12 interpreter found")
-    code = ("import sys; sys.path.insert(0, %r); import compress, json; "
-            "print(json.dumps([compress._pep701_problems(sys.argv[1]), "
-            "compress.strip_source(sys.argv[2])]))" % str(REPO))
-    ok_src = "d = {'a': 1}\nprint(f\"{d['a']}\", f'{d[\"a\"]:>{3}}')\n"
-    res = _run(["-c", code, BAD_FSTRING, ok_src], python=py312)
+def _copy_python_minifier(dest):
+    """python-minifier (pure Python) and its metadata, for another interpreter's sys.path."""
+    import python_minifier
+    site = Path(python_minifier.__file__).parent.parent
+    shutil.copytree(site / "python_minifier", dest / "python_minifier",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (info,) = site.glob("python_minifier-*.dist-info")
+    shutil.copytree(info, dest / info.name)
+
+
+PEP701_BAIT = "x = 3\nprint(f\"{'big' if x > 2 else 'small'}\")\n"
+
+
+@pytest.mark.parametrize("minor", [12, 13])
+def test_minify_on_py312_plus_writes_py310_fstrings(minor, tmp_path):
+    python = _other_python(minor)
+    if python is None:
+        pytest.skip(f"no Python 3.{minor} interpreter found")
+    _copy_python_minifier(tmp_path)
+    code = ("import sys, json; sys.path[:0] = [%r, %r]; import compress, python_minifier; "
+            "src, bad = sys.argv[1:]; plain = python_minifier.minify(src, **compress.MINIFY_OPTIONS); "
+            "print(json.dumps([compress._pep701_problems(bad), compress._pep701_problems(plain), "
+            "compress.minify_source(src)]))" % (str(tmp_path), str(REPO)))
+    res = _run(["-c", code, PEP701_BAIT, BAD_FSTRING], python=python)
     assert res.returncode == 0, res.stderr
-    import json
-    problems, stripped_312 = json.loads(res.stdout)
-    assert problems and "PEP 701" in problems[0]
-    # 3.12's ast.unparse would emit f'{d['a']}'; compress keeps the original literal
-    assert stripped_312 == compress.strip_source(ok_src)
-    assert not compress.check_py310(stripped_312)
+    bad_problems, plain_problems, minified_new = json.loads(res.stdout)
+    assert bad_problems and "PEP 701" in bad_problems[0]
+    # left alone, python-minifier on 3.12+ reuses the quote inside the f-string ...
+    assert plain_problems and "PEP 701" in plain_problems[0]
+    # ... compress.minify_source does not, and matches this interpreter's output
+    assert minified_new == compress.minify_source(PEP701_BAIT) == "x=3\nprint(f\"{'big'if x>2 else'small'}\")"
+    assert not compress.check_py310(minified_new)
 
 
 def test_check_py310_flags_newer_stdlib():
@@ -351,3 +367,116 @@ def test_check_fails_clearly_without_vermin(monkeypatch):
     monkeypatch.setattr(compress.importlib.util, "find_spec", lambda name: None)
     problems = compress.check_py310("x = 1\n")
     assert problems and "vermin is not installed" in problems[0]
+
+
+# ----------------------------------------------------------- the real train_gpt_human.py
+
+REAL_SRC = REPO / "train_gpt_human.py"
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """(source, payload, dir holding the freshly built artifact as train_gpt.py)."""
+    src = REAL_SRC.read_text(encoding="utf-8")
+    payload = compress.minify_source(src)
+    out = tmp_path_factory.mktemp("real")
+    (out / "train_gpt.py").write_bytes(compress.build_artifact(payload, minified=True).encode("latin-1"))
+    return src, payload, out
+
+
+def _function_only_names(tree):
+    """Names bound only inside functions: never an argument, attribute, keyword, import part,
+    def/class name or module-level binding, so renaming them cannot change behaviour."""
+    funcs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    inside = {id(n) for f in funcs for n in ast.walk(f)}
+    local, other = set(), set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+            (local if id(n) in inside else other).add(n.id)
+        elif isinstance(n, ast.arg):
+            other.add(n.arg)
+        elif isinstance(n, ast.Attribute):
+            other.add(n.attr)
+        elif isinstance(n, ast.keyword) and n.arg:
+            other.add(n.arg)
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            other.add(n.name)
+        elif isinstance(n, (ast.Global, ast.Nonlocal)):
+            other.update(n.names)
+        elif isinstance(n, (ast.Import, ast.ImportFrom)):
+            other.update(p for a in n.names for p in (a.name.split(".") + [a.asname or ""]))
+    return local - other
+
+
+def test_real_payload_is_minified_and_py310(real):
+    src, payload, _ = real
+    tree = ast.parse(payload, feature_version=(3, 10))
+    assert not compress.check_py310(payload)
+    assert len(payload.encode()) < 0.65 * len(src.encode())  # 42,405 of 73,405 bytes when written
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Expr)
+                and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)]
+    long_locals = {n for n in _function_only_names(ast.parse(src)) if len(n) >= 8}
+    assert len(long_locals) >= 20, sorted(long_locals)
+    names = {t.string for t in tokenize.generate_tokens(io.StringIO(payload).readline) if t.type == tokenize.NAME}
+    assert long_locals.isdisjoint(names), sorted(long_locals & names)
+    assert "python_minifier" not in payload
+
+
+_SHAPE = textwrap.dedent('''\
+    import dataclasses, inspect, json, sys
+    sys.modules["python_minifier"] = None  # the artifact must run without it
+    import train_gpt, train_gpt_human
+
+    def params(f, method):
+        """Names callers can use; python-minifier renames self / cls and *args / **kwargs."""
+        return [("?" if (method and i == 0) or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) else p.name,
+                 str(p.kind), repr(p.default)) for i, p in enumerate(inspect.signature(f).parameters.values())]
+
+    def shape(m):
+        public = {k: v for k, v in vars(m).items() if not k.startswith("_")}
+        sigs = {}
+        for k, v in public.items():
+            if getattr(v, "__module__", None) != m.__name__:
+                continue
+            if inspect.isfunction(v):
+                sigs[k] = params(v, False)
+            elif inspect.isclass(v):
+                for name, attr in vars(v).items():
+                    attr = getattr(attr, "__func__", getattr(attr, "fget", attr))
+                    if inspect.isfunction(attr):
+                        sigs[k + "." + name] = params(attr, True)
+        fields = {k: [(f.name, repr(f.type), repr(f.default)) for f in dataclasses.fields(v)]
+                  for k, v in public.items() if dataclasses.is_dataclass(v)}
+        return {"public": sorted(public), "signatures": sigs, "fields": fields}
+
+    hp = train_gpt.Hyperparameters.from_env({"NUM_LAYERS": "3", "MLP_MULT": "2.5", "RUN_ID": "x"})
+    print(json.dumps([shape(train_gpt), shape(train_gpt_human), [hp.num_layers, hp.mlp_mult, hp.run_id]]))
+''')
+
+
+def test_real_artifact_exposes_the_same_names_fields_and_signatures(real):
+    _, _, out = real
+    res = _run(["-c", _SHAPE], cwd=out, env={"PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr
+    art, src, hp = json.loads(res.stdout)
+    assert set(art["public"]) - set(src["public"]) == {"base64", "linecache"}  # the stub's imports
+    assert set(src["public"]) <= set(art["public"])
+    assert art["signatures"] == src["signatures"] and len(src["signatures"]) > 80
+    assert art["fields"] == src["fields"]
+    assert len(art["fields"]["Hyperparameters"]) > 50
+    assert hp == [3, 2.5, "x"]
+
+
+@pytest.mark.parametrize("var,value,message", [
+    ("TTT_EPOCH", "2", "error: unknown setting TTT_EPOCH='2': did you mean TTT_EPOCHS?"),
+    ("NUM_LAYERS", "x", "error: NUM_LAYERS='x' is not a valid int"),
+])
+def test_real_artifact_reports_config_errors_like_the_source(real, var, value, message):
+    _, _, out = real
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "SYSTEMROOT") if k in os.environ}
+    env[var] = value
+    for script in (out / "train_gpt.py", REAL_SRC):
+        res = subprocess.run([sys.executable, str(script)], cwd=out, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 1, (script, res.stderr)
+        assert res.stderr.strip().splitlines()[-1] == message, (script, res.stderr)

@@ -45,7 +45,8 @@ def make_export_mirror(root):
     shutil.copy(TOKENIZER_1024, base / "tokenizers" / "fineweb_1024_bpe.model")
     (base / "tokenizers" / "fineweb_1024_bpe.vocab").write_text("vocab\n")
     manifest = {"datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "fineweb_1024_bpe",
-                              "stats": {"files_train": len(built["files_train"]), "files_val": len(built["files_val"])}}],
+                              "stats": {"files_train": len(built["files_train"]),
+                                        "files_val": len(built["files_val"])}}],
                 "tokenizers": [{"name": "fineweb_1024_bpe", "model_path": "tokenizers/fineweb_1024_bpe.model",
                                 "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}]}
     (base / "manifest.json").write_text(json.dumps(manifest))
@@ -62,7 +63,8 @@ REHEARSAL_ENV = {
     "TRAIN_LOG_EVERY": "10",
 }
 FINAL_LINES = ["weights_sha256 ", "compile:train graphs:", "gptq:hessians ", "final_prequant_exact val_loss:",
-               "quant:allocation ", "Serialized model int6+brotli: ", "Code size: ", "Total submission size int6+brotli: ",
+               "quant:allocation ", "Serialized model int6+brotli: ", "Code size: ",
+               "Total submission size int6+brotli: ",
                "final_int6_roundtrip_exact val_loss:", "ttt:start chunks:100 ", "final_int6_ttt_exact val_loss:",
                "compile:eval graphs:", "eval_phase_time:"]
 
@@ -86,7 +88,8 @@ def test_pod_path_rehearsal(tmp_path):
     assert (pod / "data" / "tokenizers" / "fineweb_1024_bpe.model").is_file()
 
     t0 = time.perf_counter()
-    rc, out = run_script(pod / "train_gpt.py", dict(env, **REHEARSAL_ENV, OMP_NUM_THREADS="1"), pod, nproc=2, timeout=900)
+    rc, out = run_script(pod / "train_gpt.py", dict(env, **REHEARSAL_ENV, OMP_NUM_THREADS="1"), pod, nproc=2,
+                         timeout=900)
     wall = time.perf_counter() - t0
     print(f"\nrehearsal wall time: {wall:.0f}s")
     assert rc == 0, out[-5000:]  # torchrun exits 0 only when every rank did
@@ -132,6 +135,11 @@ dist.destroy_process_group()
 '''
 
 
+def run_ranks(worker, mode, env, cwd):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), mode], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture
 def rank_worker(tmp_path):
     path = tmp_path / "worker.py"
@@ -142,8 +150,7 @@ def rank_worker(tmp_path):
 @pytest.mark.slow
 def test_ranks_share_one_run_id_when_unset(tiny_env, tmp_path, rank_worker):
     env = {k: v for k, v in tiny_env.items() if k != "RUN_ID"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(rank_worker), "setup"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = run_ranks(rank_worker, "setup", env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     paths = [json.loads((tmp_path / f"rank{r}.json").read_text())["log_path"] for r in (0, 1)]
     assert paths[0] == paths[1] and re.fullmatch(r"logs/[0-9a-f-]{36}\.txt", paths[0])
@@ -155,8 +162,7 @@ def test_schedule_follows_rank0_clock(tiny_env, tmp_path, rank_worker):
     replica would diverge; every decision must come from rank 0's clock, so the replicas stay bit-identical."""
     env = dict(tiny_env, ITERATIONS="12", WARMDOWN_ITERS="12", MAX_WALLCLOCK_SECONDS="30", GPTQ_RESERVE_MS="0",
                TRAIN_LOG_EVERY="100")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(rank_worker), "train"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = run_ranks(rank_worker, "train", env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training_done steps:12 " in proc.stdout  # rank 0's clock: the 30 s cap never binds
     assert "ranks_agree:True" in proc.stdout

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_data import PREFIX, make_hub  # the fake hub builder
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SH = REPO / "run.sh"
@@ -107,7 +108,8 @@ if [ "$1" = "-" ]; then cat >/dev/null; echo "torch 9.9 (fake), CUDA 12.8, 8 dev
 if [ "$1" = "-c" ] && [ "$2" = "import flash_attn_interface" ]; then exit 1; fi
 if [ "$1" = "-m" ] && [ "$2" = "torch.distributed.run" ]; then
   shift 2
-  echo "FAKE_TORCHRUN $* DATA_PATH=$DATA_PATH TOKENIZER_PATH=$TOKENIZER_PATH VOCAB_SIZE=$VOCAB_SIZE SEED=$SEED RUN_ID=$RUN_ID"
+  echo "FAKE_TORCHRUN $* DATA_PATH=$DATA_PATH TOKENIZER_PATH=$TOKENIZER_PATH VOCAB_SIZE=$VOCAB_SIZE" \
+    "SEED=$SEED RUN_ID=$RUN_ID"
   exit "${FAKE_RC:-0}"
 fi
 exec "%s" "$@"
@@ -123,11 +125,6 @@ def fake_repo(tmp_path):
     shutil.copy(REPO / "data" / "fineweb.py", repo / "data" / "fineweb.py")
     (repo / "train_gpt_human.py").write_text("raise SystemExit('not meant to run')\n")
 
-    sys.path.insert(0, str(REPO / "tests"))
-    try:
-        from test_data import PREFIX, make_hub  # reuse the fake hub builder
-    finally:
-        sys.path.pop(0)
     hub = make_hub(tmp_path / "hub")
     assert (hub / PREFIX / "manifest.json").is_file()
 
@@ -170,6 +167,16 @@ def test_launch_passes_env_and_exit_code(fake_repo):
     r = run(repo / "run.sh", bindir, NPROC="2", FAKE_RC="5", **env)
     assert r.returncode == 5
     assert "--nproc_per_node=2" in r.stdout and "training failed (exit 5)" in r.stderr
+
+
+def test_record_preset_defaults_to_sp8192(fake_repo, tmp_path):
+    repo, bindir, env = fake_repo
+    hub = make_hub(tmp_path / "hub8192", datasets=(("fineweb10B_sp8192", "fineweb_8192_bpe", 2),))
+    r = run(repo / "run.sh", bindir, **dict(env, FINEWEB_MIRROR=str(hub), PRESET="record"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("FAKE_TORCHRUN"))
+    assert "DATA_PATH=./data/datasets/fineweb10B_sp8192" in line and "VOCAB_SIZE=8192" in line
+    assert (repo / "data" / "tokenizers" / "fineweb_8192_bpe.model").is_file()
 
 
 def test_custom_data_path_missing_is_an_error(fake_repo, tmp_path):

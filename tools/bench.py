@@ -6,7 +6,7 @@ Measures, on one device, with the trainer's own code:
   train     warm-up, then --steps timed optimizer steps of the exact training step (train_gpt_human.train_step
             with build_optimizers, plus the WeightAverager update): ms/step, tokens/s, model FLOPs per token,
             fraction of the device's bf16 peak, peak memory, and the forward+backward / optimizer split, with
-            Newton-Schulz (turbo_muon_update on every Muon bank shape) timed on its own.
+            Newton-Schulz (muon_update on every Muon bank shape) timed on its own.
   eval      sliding-window tokens/s (eval_sliding), score-first TTT tokens/s for the muon and sgd optimizers
             (eval_ttt on a slice of a few chunks), and the projected time for the full 62,021,632-token
             validation split on 8 GPUs, by linear scaling: tokens / (tokens_per_s * 8).
@@ -204,17 +204,17 @@ def flops_per_token(model, hp):
 
 
 def bench_newton_schulz(opt, hp, rt, repeats, sync):
-    """turbo_muon_update on every Muon bank shape: the whole bank (1 GPU) and one rank's shard on 8 GPUs."""
+    """muon_update on every Muon bank shape: the whole bank (1 GPU) and one rank's shard on 8 GPUs."""
     rows, total, total_8 = [], 0.0, 0.0
     for p in opt.muon.params:
         full = opt.muon._padded(p.detach())
         G = torch.randn(full.shape, device=rt.device, dtype=torch.float32)
         per_rank = -(-G.size(0) // EVAL_GPUS)
         G8 = G[:per_rank].contiguous()
-        tg.turbo_muon_update(G, hp.muon_backend_steps)  # warm-up
-        tg.turbo_muon_update(G8, hp.muon_backend_steps)
-        ms = 1000 * timed(lambda: tg.turbo_muon_update(G, hp.muon_backend_steps), repeats, sync)
-        ms8 = 1000 * timed(lambda: tg.turbo_muon_update(G8, hp.muon_backend_steps), repeats, sync)
+        tg.muon_update(G, hp.muon_backend_steps, hp.muon_variant)  # warm-up
+        tg.muon_update(G8, hp.muon_backend_steps, hp.muon_variant)
+        ms = 1000 * timed(lambda: tg.muon_update(G, hp.muon_backend_steps, hp.muon_variant), repeats, sync)
+        ms8 = 1000 * timed(lambda: tg.muon_update(G8, hp.muon_backend_steps, hp.muon_variant), repeats, sync)
         rows.append({"shape": list(G.shape), "ms": ms, "shard_8gpu_shape": list(G8.shape), "shard_8gpu_ms": ms8})
         total, total_8 = total + ms, total_8 + ms8
     return {"banks": rows, "total_ms": total, "per_rank_8gpu_ms": total_8}
@@ -423,7 +423,8 @@ def table(report):
                  ("compress", "quantize_model total s", c["quantize_model_s"]),
                  ("compress", "  bit allocation s", c["allocate_bits_s"]),
                  ("compress", "  pruning search + packing s", c["prune_and_pack_s"]),
-                 ("compress", "artifact bytes", c["artifact_bytes"]), ("compress", "total bytes (+code)", c["total_bytes"])]
+                 ("compress", "artifact bytes", c["artifact_bytes"]),
+                 ("compress", "total bytes (+code)", c["total_bytes"])]
         if c["error"]:
             rows.append(("compress", "error", c["error"]))
     w = [max(len(r[i]) if i < 2 else len(fmt(r[2])) for r in rows) for i in range(3)]

@@ -126,8 +126,16 @@ class Hyperparameters:
     gptq_reserve_ms: float = 12000.0
     gptq_block_size: int = 128
     gptq_damp: float = 0.01
+    quant_mode: str = "mixed"  # mixed: int5..7 by sensitivity, clip-searched scales; sdclip: k*std(row) scales
     quant_base_bits: int = 5
     quant_max_bits: int = 7
+    matrix_bits: int = 6  # sdclip: bits of every bank matrix
+    clip_sigmas_attn: float = 13.0  # sdclip: k of attention matrices (all k scaled by one factor to fit the budget)
+    clip_sigmas_mlp: float = 11.5
+    clip_sigmas_embed: float = 14.0
+    embed_bits: int = 0  # > 0: GPTQ the tied embedding at this many bits with the output head's Hessian
+    lqer_rank: int = 0  # > 0: low-rank correction of the quantization error on the LQER_TOP_K worst tensors
+    lqer_top_k: int = 3
     target_bytes: int = 16_000_000
     alloc_overshoot: float = 0.004
     prune_max_abs: int = 2
@@ -180,7 +188,7 @@ class Hyperparameters:
                 raise ConfigError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
         for name in ["iterations", "warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
                      "gptq_calib_batches", "ttt_epochs", "ttt_freeze_blocks", "grad_accum_steps", "val_max_tokens",
-                     "engram_buckets", "ve_dim", "num_loops", "swa_every"]:
+                     "engram_buckets", "ve_dim", "num_loops", "swa_every", "lqer_rank", "lqer_top_k"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
         head_dim = self.model_dim // self.num_heads
@@ -195,8 +203,10 @@ class Hyperparameters:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {head_dim}")
         if not 2 <= self.quant_base_bits <= self.quant_max_bits <= 8:
             raise ConfigError("need 2 <= QUANT_BASE_BITS <= QUANT_MAX_BITS <= 8")
+        if not 2 <= self.matrix_bits <= 8 or self.embed_bits not in (0, *range(2, 9)):
+            raise ConfigError("MATRIX_BITS must be in 2..8 and EMBED_BITS 0 (int8 table) or 2..8")
         for name, allowed in (("ttt_optimizer", ("muon", "sgd")), ("smear", ("blend", "gated")),
-                              ("muon_variant", ("turbo", "eqr"))):
+                              ("muon_variant", ("turbo", "eqr")), ("quant_mode", ("mixed", "sdclip"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name.upper()} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
@@ -212,7 +222,7 @@ class Hyperparameters:
                 raise ConfigError(f"{f.name.upper()} must be a finite number, got {getattr(self, f.name)}")
         for name in ["matrix_lr", "tied_embed_lr", "scalar_lr", "ttt_lr", "muon_wd", "adam_wd", "grad_clip_norm",
                      "ttt_grad_clip", "eval_budget_seconds", "gptq_reserve_ms", "gptq_damp", "alloc_overshoot",
-                     "embed_wd"]:
+                     "embed_wd", "clip_sigmas_attn", "clip_sigmas_mlp", "clip_sigmas_embed"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
         for name in ["ema_decay", "swa_start_scale", "ttt_polyak_decay", "qat_threshold", "lr_floor", "warmdown_frac",
@@ -244,7 +254,7 @@ PRESETS = {
         parallel_start=8, smear="gated", attn_gate=1, doc_isolation=1, muon_variant="eqr", muon_backend_steps=5,
         muon_momentum=0.97, matrix_lr=0.026, muon_wd=0.095, embed_beta1=0.9, adam_beta2=0.99, tied_embed_lr=0.03,
         embed_wd=0.085, scalar_lr=0.02, adam_wd=0.02, warmdown_frac=0.85, lr_floor=0.10, ema_decay=0.9965,
-        swa_every=0, qat_threshold=0.0, gptq_reserve_ms=8000.0),
+        swa_every=0, qat_threshold=0.0, gptq_reserve_ms=8000.0, quant_mode="sdclip", embed_bits=7, lqer_rank=4),
 }
 
 # torchrun and common system variables that share our prefixes but are not ours
@@ -255,7 +265,7 @@ def check_unknown_env(env, names):
     """A variable that looks like ours (distinctive prefix, or close to a real name) but is not one is
     an error: a misspelt TTT_EPOCH=2 must not run silently with the default."""
     distinctive = {"TTT", "GPTQ", "MUON", "QAT", "EMA", "SWA", "XSA", "ENGRAM", "VE", "QUANT", "ADAM", "ROPE", "LOOP",
-                   "SMEAR"}
+                   "SMEAR", "LQER", "CLIP"}
     prefixes = {n.split("_")[0] for n in names}
     for key in env:
         if key in names or key in FOREIGN_ENV or "_" not in key:
@@ -534,6 +544,13 @@ class Block(nn.Module):
                 for j in range(2)]
 
 
+class TiedHead(nn.Module):
+    """logits = x @ W_emb^T: a module of its own so that Hessian collection can hook the head's input."""
+
+    def forward(self, x, weight):
+        return F.linear(x, weight.to(x.dtype))
+
+
 class EngramLite(nn.Module):
     """Hashed bigram and trigram embeddings (two hash functions per order, ENGRAM_BUCKETS buckets each),
     projected to the model width through a learned sigmoid gate: cheap n-gram memory."""
@@ -585,6 +602,7 @@ class GPT(nn.Module):
         self.mlp_up = nn.Parameter(torch.empty(L, int(hp.mlp_mult * d), d))
         self.mlp_down = nn.Parameter(torch.zeros(L, d, int(hp.mlp_mult * d)))
         self.tok_emb = nn.Embedding(hp.vocab_size, d)
+        self.head = TiedHead()
         self.engram = EngramLite(hp) if hp.engram_buckets else None
         if hp.smear == "gated":
             self.smear_w = nn.Parameter(torch.zeros(GATE_WINDOW))
@@ -660,7 +678,7 @@ class GPT(nn.Module):
                 lanes = block.forward_lanes(lanes, x0, banks, ve, doc_mask, self.lane_post[i], self.lane_resid[i])
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
-        logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype)).float()
+        logits = self.head(rms_norm(x), self.tok_emb.weight).float()
         logits = self.softcap * torch.tanh(logits / self.softcap)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
@@ -1184,6 +1202,7 @@ def collect_hessians(model, hp, rt):
     for i, block in enumerate(model.blocks):
         for name, key in (("q", "attn_in"), ("o", "attn_out"), ("up", "mlp_in"), ("down", "mlp_hidden")):
             handles.append(getattr(block, name).register_forward_hook(hook(f"{key}.{i}")))
+    handles.append(model.head.register_forward_hook(hook("head_in")))  # for GPTQ of the tied embedding
     accum = grad_accum_steps(hp, rt.world_size)
     files = shard_files(hp.data_path, "train")
     loader = DistributedTokenLoader(files, hp.vocab_size, rt.rank, rt.world_size, rt.device)
@@ -1221,22 +1240,28 @@ def row_scales(W, bits, col_weight):
     return best_scale.clamp_min(1e-7).half().float()
 
 
-def quantize_rtn(W, bits, col_weight=None):
+def sd_scales(W, bits, sigmas):
+    """SDClip: per-row scale sigmas * std(row) / qmax (codes past +-qmax clip), stored in fp16."""
+    return (sigmas * W.std(dim=1) / qmax_of(bits)).clamp_min(1e-7).half().float()
+
+
+def quantize_rtn(W, bits, col_weight=None, sigmas=0.0):
     col_weight = torch.ones(W.size(1), device=W.device) if col_weight is None else col_weight
-    scale = row_scales(W, bits, col_weight)
+    scale = sd_scales(W, bits, sigmas) if sigmas else row_scales(W, bits, col_weight)
     q = (W / scale[:, None]).round().clamp(-qmax_of(bits), qmax_of(bits))
     return q.to(torch.int8), scale
 
 
-def gptq_quantize(W, H, bits, block_size, damp):
+def gptq_quantize(W, H, bits, block_size, damp, sigmas=0.0):
     """GPTQ: quantize columns in descending Hessian-diagonal order, pushing each column's error onto the
-    columns not yet quantized through the Cholesky factor of H^-1.  Returns None if H is not positive definite."""
+    columns not yet quantized through the Cholesky factor of H^-1.  Scales: SDClip when `sigmas` is set, else
+    clip-searched.  Returns None if H is not positive definite."""
     W, H = W.float().clone(), H.float().clone()
     n, qmax = W.size(1), qmax_of(bits)
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    scale = row_scales(W, bits, H.diagonal())
+    scale = sd_scales(W, bits, sigmas) if sigmas else row_scales(W, bits, H.diagonal())
     perm = torch.argsort(H.diagonal(), descending=True)
     W, H = W[:, perm], H[perm][:, perm]
     H.diagonal().add_(damp * H.diagonal().mean())
@@ -1376,6 +1401,9 @@ def decompress_bytes(data):
 def load_artifact(data, hp, device):
     """Builds a fresh model from artifact bytes, as a grader would."""
     flat = deserialize(decompress_bytes(data))
+    for name in [n for n in flat if n.endswith(".lqA")]:  # LQER: add the low-rank error correction back
+        base = name[:-len(".lqA")]
+        flat[base] = flat[base] + flat.pop(name).T @ flat.pop(base + ".lqB")
     state = {}
     for name, t in flat.items():
         bank, _, idx = name.partition("#")
@@ -1386,42 +1414,123 @@ def load_artifact(data, hp, device):
     return model
 
 
+def quant_targets(state, hp):
+    """(entry name, weight, Hessian key, group) of every GPTQ'd matrix: the bank matrices, and the tied embedding
+    (with the output head's Hessian) when EMBED_BITS is set."""
+    out = [(f"{bank}#{idx}", state[bank][idx], key, group) for bank, idx, key, group in bank_matrices(hp.num_layers)]
+    if hp.embed_bits:
+        out.append(("tok_emb.weight", state["tok_emb.weight"], "head_in", "embed"))
+    return out
+
+
+def sdclip_plan(targets, others, hessians, hp, budget, rt):
+    """SDClip sizing: bank matrices at MATRIX_BITS, the embedding at EMBED_BITS, k by matrix type; every k times
+    one factor, bisected on the codes' entropy so that the size lands on the budget: the finest codes that fit,
+    pruning stays the last resort.  The estimate is calibrated once against the real compressor (the artifact
+    with rounded codes through the fast compressor, times the fast-to-real ratio of a 4 MB slice) and against
+    GPTQ, whose codes spread wider than rounding's (GPTQ on every 16th row: rows are quantized independently)."""
+    bits = [hp.embed_bits if g == "embed" else hp.matrix_bits for *_, g in targets]
+    base = [{"attn": hp.clip_sigmas_attn, "mlp": hp.clip_sigmas_mlp, "embed": hp.clip_sigmas_embed}[g.split(".")[0]]
+            for *_, g in targets]
+
+    def coded(factor, rows=slice(None), gptq=False):
+        out = []
+        for (name, W, key, _), b, k in zip(targets, bits, base):
+            W = W[rows]
+            H = hessians[key].to(W.device)
+            result = gptq and gptq_quantize(W, H, b, hp.gptq_block_size, hp.gptq_damp, k * factor)
+            out.append((name, KIND_INT, b, tuple(W.shape), *(result or quantize_rtn(W, b, sigmas=factor * k))))
+        return out
+
+    def entropy(entries):
+        return sum(code_entropy_bytes(e[4], e[2]) for e in entries)
+
+    def factor_for(limit):  # a larger factor clips less and rounds coarser: fewer bytes
+        lo, hi = 0.25, 4.0
+        for _ in range(12):
+            mid = (lo * hi) ** 0.5
+            lo, hi = (lo, mid) if entropy(coded(mid)) <= limit else (mid, hi)
+        return hi
+
+    others_bytes = len(compress_bytes(serialize(others), fast=True))
+    factor = factor_for(budget - others_bytes)
+    raw = serialize(others + coded(factor))
+    tail = raw[-(4 << 20):]
+    real = len(compress_bytes(raw, fast=True)) * len(compress_bytes(tail)) / len(compress_bytes(tail, fast=True))
+    compressor = real / (others_bytes + entropy(coded(factor)))
+    spread = entropy(coded(factor, slice(None, None, 16), gptq=True)) / entropy(coded(factor, slice(None, None, 16)))
+    factor = factor_for((budget / compressor - others_bytes) / spread)
+    rt.log(f"quant:sdclip factor:{factor:.3f} calibration:{compressor:.4f} gptq_spread:{spread:.4f} "
+           f"budget:{budget:.0f} bits:{hp.matrix_bits} embed_bits:{hp.embed_bits}")
+    return bits, [factor * k for k in base]
+
+
+def lqer_reserve(targets, hp):
+    """Bytes kept free for LQER's factors: for the LQER_TOP_K largest matrices, rank x (rows + cols) codes at <= 4
+    bits and two fp16 scales per rank (an upper bound: the worst tensors are known only after quantization)."""
+    sizes = sorted((sum(W.shape) for _, W, _, _ in targets), reverse=True)[:hp.lqer_top_k]
+    return sum(hp.lqer_rank * (n // 2 + 4) for n in sizes) if hp.lqer_rank else 0
+
+
+def lqer_entries(targets, quantized, hp):
+    """LQER: for the LQER_TOP_K tensors with the largest ||W - W_hat||_F, a rank-LQER_RANK SVD of the error,
+    E ~ A B, stored as A^T at int3 and B at int4 (per-row scales); load_artifact adds A B back."""
+    errors = [W - q.float() * s[:, None] for (_, W, _, _), (*_, q, s) in zip(targets, quantized)]
+    out = []
+    for i in sorted(range(len(errors)), key=lambda i: -float(errors[i].norm()))[:hp.lqer_top_k]:
+        U, S, Vh = torch.linalg.svd(errors[i], full_matrices=False)
+        r = min(hp.lqer_rank, S.numel())
+        for suffix, factor, bits in ((".lqA", (U[:, :r] * S[:r]).T, 3), (".lqB", Vh[:r], 4)):
+            q, scale = quantize_rtn(factor.contiguous(), bits)
+            out.append((targets[i][0] + suffix, KIND_INT, bits, tuple(factor.shape), q, scale))
+    return out
+
+
 def quantize_model(model, hessians, hp, rt, code_bytes):
     """Returns compressed artifact bytes that fit TARGET_BYTES - code_bytes."""
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
-    mats = bank_matrices(hp.num_layers)
-    weights = [(state[bank][idx], key, group) for bank, idx, key, group in mats]
-    entries, others_est = [], 0.0
+    targets = quant_targets(state, hp)
+    entries, done = [], set(BANKS) | {name for name, *_ in targets}
     for name, t in state.items():
-        if name in BANKS:
+        if name in done:
             continue
         if t.numel() <= PASSTHROUGH_NUMEL or t.dim() != 2:
             entries.append((name, KIND_FP16, 16, tuple(t.shape), None, t.half()))
-            others_est += 2 * t.numel()
         else:
-            q, s = quantize_rtn(t, 8)
-            entries.append((name, KIND_INT, 8, tuple(t.shape), q, s))
-            others_est += code_entropy_bytes(q, 8)
-    budget = (hp.target_bytes - code_bytes) * (1 + hp.alloc_overshoot) - others_est
-    bits = allocate_bits(weights, hessians, hp, budget, rt)
-    fallbacks, costs = 0, []
-    for (bank, idx, key, _), (W, _, _), b in zip(mats, weights, bits):
+            entries.append((name, KIND_INT, 8, tuple(t.shape), *quantize_rtn(t, 8)))
+    budget = hp.target_bytes - code_bytes - lqer_reserve(targets, hp)
+    if hp.quant_mode == "sdclip":  # its estimate is good to ~0.1%: aim 0.2% under, so that nothing needs pruning
+        bits, sigmas = sdclip_plan(targets, entries, hessians, hp, 0.998 * budget, rt)
+    else:  # the allocation aims ALLOC_OVERSHOOT over the budget; pruning then lands under it
+        budget *= 1 + hp.alloc_overshoot
+        banks = [(W, key, group) for _, W, key, group in targets if group != "embed"]
+        embed = [W for _, W, _, group in targets if group == "embed"]
+        fixed = len(compress_bytes(serialize(entries), fast=True))  # the rest, measured; then the embedding's codes
+        fixed += sum(code_entropy_bytes(quantize_rtn(W, hp.embed_bits)[0], hp.embed_bits) for W in embed)
+        bits = allocate_bits(banks, hessians, hp, budget - fixed, rt) + [hp.embed_bits] * len(embed)
+        sigmas = [0.0] * len(targets)
+    fallbacks, costs, quantized = 0, [], []
+    for (name, W, key, _), b, k in zip(targets, bits, sigmas):
         H = hessians[key].to(W.device)
-        result = gptq_quantize(W, H, b, hp.gptq_block_size, hp.gptq_damp)
+        result = gptq_quantize(W, H, b, hp.gptq_block_size, hp.gptq_damp, k)
         if result is None:
             fallbacks += 1
-            result = quantize_rtn(W, b, H.diagonal())
+            result = quantize_rtn(W, b, H.diagonal(), k)
         q, s = result
-        entries.append((f"{bank}#{idx}", KIND_INT, b, tuple(W.shape), q, s))
+        quantized.append((name, KIND_INT, b, tuple(W.shape), q, s))
         costs.append((q.abs() <= hp.prune_max_abs) * (q != 0) * (q.float() * s[:, None]).square() * H.diagonal())
     if fallbacks:
-        rt.log(f"gptq:cholesky_failed matrices:{fallbacks} (fell back to clip-searched rounding)")
-    return prune_to_fit(entries, costs, hp, rt, hp.target_bytes - code_bytes)
+        rt.log(f"gptq:cholesky_failed matrices:{fallbacks} (fell back to rounding)")
+    if hp.lqer_rank:
+        entries = lqer_entries(targets, quantized, hp) + entries
+    return prune_to_fit(entries + quantized, costs, hp, rt, hp.target_bytes - code_bytes)
 
 
 def prune_to_fit(entries, costs, hp, rt, budget):
-    """Selective pruning: zero the fewest small codes (|q| <= PRUNE_MAX_ABS), cheapest added error first, so
-    that the artifact fits.  The count is binary-searched on a fast compressor calibrated against the real one."""
+    """Selective pruning, the last resort: zero the fewest small codes (|q| <= PRUNE_MAX_ABS), cheapest added error
+    first, so that the artifact fits.  The count is binary-searched on a fast compressor calibrated against the real
+    one, aiming a little under the budget so that one confirming pass usually suffices: two full-quality passes in
+    the common case (one when nothing needs pruning), more only when heavy pruning drifts the proxy's ratio."""
     first = len(entries) - len(costs)
     flat = torch.cat([c.flatten() for c in costs])
     order = torch.argsort(torch.where(flat > 0, flat, torch.full_like(flat, float("inf"))))
@@ -1452,14 +1561,15 @@ def prune_to_fit(entries, costs, hp, rt, budget):
 
     real = measure(0)
     over, fit = 0, ((0, real) if len(real) <= budget else None)  # over: most pruning known not to fit
-    for _ in range(6):  # bracket the least pruning that fits, until within 0.2% of the budget
-        if fit and (fit[0] - over <= 1 or len(fit[1]) >= budget - max(budget // 500, 4096)):
+    aim = budget - max(budget // 1000, 1024)
+    for _ in range(6):  # bracket the least pruning that fits, until a fit lands within 0.5% of the budget
+        if fit and (fit[0] - over <= 1 or len(fit[1]) >= budget - budget // 200):
             break
         lo, hi = min(over + 1, len(order)), fit[0] if fit else len(order)
         r0, r1, span = ratios[over], ratios.get(hi, ratios[over]), max(hi - over, 1)
         while lo < hi:
             mid = (lo + hi) // 2
-            if len(compress_bytes(build(mid), fast=True)) * (r0 + (r1 - r0) * (mid - over) / span) <= budget - 1024:
+            if len(compress_bytes(build(mid), fast=True)) * (r0 + (r1 - r0) * (mid - over) / span) <= aim:
                 hi = mid
             else:
                 lo = mid + 1
@@ -1477,7 +1587,8 @@ def prune_to_fit(entries, costs, hp, rt, budget):
         raise ConfigError(f"artifact {len(real)} bytes exceeds the budget {budget} even after pruning every "
                           f"candidate; lower QUANT_BASE_BITS or the model size")
     pruned, real = fit
-    rt.log(f"quant:pruning candidates:{len(order)} pruned:{pruned} bytes:{len(real)} budget:{budget}")
+    rt.log(f"quant:pruning candidates:{len(order)} pruned:{pruned} bytes:{len(real)} budget:{budget} "
+           f"full_passes:{len(ratios)}")
     return real
 
 

@@ -11,13 +11,18 @@ What it guarantees a grader, on a seeded random-init tiny model and synthetic do
 Scores are observed by test-side instrumentation (a wrapper around tg.padded_batch plus a forward hook).
 """
 import functools
+import sys
 import time
 
 import pytest
 import torch
 
 import train_gpt_human as tg
+from conftest import REPO, TOKENIZER_1024
 from test_ttt_legality import make_env, run_ranks, synthetic_luts
+
+sys.path.insert(0, str(REPO / "tools"))
+import ttt_modes  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -297,3 +302,24 @@ def test_two_ranks_match_one_rank(tmp_path):
         print(f"{config}: 1 rank {one[:2]}  2 ranks {per_rank[0][:2]}")
         if not config["TTT_LORA_WARM_A"]:
             assert abs(one[0] - per_rank[0][0]) < 1e-5 and abs(one[1] - per_rank[0][1]) < 1e-5, config
+
+
+def test_ttt_modes_tool(tiny_data, tmp_path):
+    """tools/ttt_modes.py trains once and evaluates every mode on the same tokens: a mode that adapts nothing reports
+    the sliding-window number, and the per-second columns are what they say."""
+    env = dict(ttt_modes.TINY, DATA_PATH=str(tiny_data), TOKENIZER_PATH=str(TOKENIZER_1024), ITERATIONS="4",
+               VAL_MAX_TOKENS="2049", TTT_CHUNK_TOKENS="512", EVAL_BATCH_SEQS="8", TTT_DOC_BATCH="4",
+               TTT_LORA_RANK="4", TTT_PREFIX_DOCS="1", TTT_PHASES="1")
+    modes = [ttt_modes.parse_mode(m) for m in ("still:TTT_EPOCHS=0", "phased:TTT_MODE=phased,TTT_LORA_LR=0.001")]
+    assert modes[1] == ("phased", {"TTT_MODE": "phased", "TTT_LORA_LR": "0.001"})
+    rows = ttt_modes.compare(env, modes, str(tmp_path / "log.txt"))
+    assert [r["mode"] for r in rows] == ["sliding", "still", "phased"]
+    assert rows[1]["val_bpb"] == pytest.approx(rows[0]["val_bpb"], abs=1e-9) and rows[1]["adapted"] == "3/4"
+    assert rows[2]["val_bpb"] != rows[0]["val_bpb"] and "ttt:start mode:phased" in (tmp_path / "log.txt").read_text()
+    for row in rows:
+        assert row["predictions_per_s"] == pytest.approx(2048 / row["seconds"])
+    for row in rows[1:]:
+        extra = row["seconds"] - rows[0]["seconds"]  # no extra time (a mode as fast as sliding): no rate
+        expected = (rows[0]["val_bpb"] - row["val_bpb"]) / extra if extra > 0 else None
+        assert row["gain_per_extra_s"] == (None if expected is None else pytest.approx(expected))
+    assert len(ttt_modes.table(rows).splitlines()) == 5

@@ -39,15 +39,19 @@ def parse_mode(text):
     return label, dict(s.split("=", 1) for s in settings.split(",") if s)
 
 
-def compare(env, modes, log_path):
-    """Trains once; returns one dict per row, sliding first."""
+def compare(env, modes, log_path, snapshot=None):
+    """Trains once (or loads a SNAPSHOT_POST_HESSIAN=1 snapshot's weights); returns one dict per row, sliding
+    first."""
     hp = tg.Hyperparameters.from_env(env)
     rt = tg.Runtime(0, 1, torch.device(hp.device or "cpu"), log_path)
     luts = tg.build_byte_luts(tg.load_tokenizer(hp), hp.vocab_size)
     val = tg.load_val_tokens(hp)
     torch.manual_seed(hp.seed)
     model = tg.GPT(hp).to(rt.device)
-    tg.train(model, hp, rt, val, luts)
+    if snapshot:
+        model.load_state_dict(torch.load(snapshot, map_location=rt.device)["model"])
+    else:
+        tg.train(model, hp, rt, val, luts)
     state = copy.deepcopy(model.state_dict())
     rows = []
     for label, settings in [("sliding", None)] + modes:
@@ -84,13 +88,15 @@ def main(argv=None):
     ap.add_argument("--mode", action="append", help="label:KEY=VALUE,... (repeatable; default: the four TTT modes)")
     ap.add_argument("--tiny", action="store_true", help="start from the tiny CPU config (env vars override it)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--snapshot", help="evaluate this snapshot's weights instead of training (same model settings)")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     env = {**(TINY if args.tiny else {}), **{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}}
     os.makedirs("logs", exist_ok=True)
-    rows = compare(env, [parse_mode(m) for m in args.mode or MODES], os.path.join("logs", "ttt_modes.txt"))
+    modes = [parse_mode(m) for m in args.mode or MODES]
+    rows = compare(env, modes, os.path.join("logs", "ttt_modes.txt"), args.snapshot)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import functools
 import glob
 import hashlib
 import lzma
@@ -158,6 +159,18 @@ class Hyperparameters:
     ttt_entropy_high: float = 2.1
     ttt_polyak: int = 0
     ttt_polyak_decay: float = 0.998
+    ttt_mode: str = "chunk"  # chunk: LaCT on chunks of the stream; phased: per-document LoRA + global phases
+    ttt_doc_chunk: int = 48  # phased: predictions per document chunk (scored, then one adapter step)
+    ttt_doc_batch: int = 64  # phased: documents per batch, one adapter each
+    ttt_lora_rank: int = 80
+    ttt_lora_lr: float = 1e-4
+    ttt_lora_wd: float = 0.5
+    ttt_lora_optimizer: str = "adamw"  # adamw (betas 0, 0.99) or muon (each document's factors on their own)
+    ttt_lora_warm_a: int = 1  # 1 = A carries over to the next batch's document in its row (B restarts at zero)
+    ttt_prefix_docs: int = 2500  # phased: the longest documents, in TTT_PHASES groups each followed by a global phase
+    ttt_phases: int = 3
+    ttt_global_optimizer: str = "sgd"  # sgd or muon: the base weights' optimizer in the global phases
+    ttt_global_lr: float = 1e-3
     eval_budget_seconds: float = 570.0
 
     @classmethod
@@ -182,13 +195,15 @@ class Hyperparameters:
         positive = ["vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
                     "eval_seq_len", "train_batch_tokens", "eval_stride", "eval_batch_seqs",
                     "engram_dim", "ttt_chunk_tokens", "ttt_batch_seqs", "muon_backend_steps",
-                    "target_bytes", "gptq_block_size", "dist_timeout_seconds"]
+                    "target_bytes", "gptq_block_size", "dist_timeout_seconds", "ttt_doc_chunk", "ttt_doc_batch",
+                    "ttt_lora_rank"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
         for name in ["iterations", "warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
                      "gptq_calib_batches", "ttt_epochs", "ttt_freeze_blocks", "grad_accum_steps", "val_max_tokens",
-                     "engram_buckets", "ve_dim", "num_loops", "swa_every", "lqer_rank", "lqer_top_k"]:
+                     "engram_buckets", "ve_dim", "num_loops", "swa_every", "lqer_rank", "lqer_top_k", "ttt_prefix_docs",
+                     "ttt_phases"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
         head_dim = self.model_dim // self.num_heads
@@ -199,6 +214,8 @@ class Hyperparameters:
         if self.eval_stride > self.eval_seq_len:  # a window scores at most EVAL_SEQ_LEN predictions
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}, "
                               f"or predictions between windows would go unscored")
+        if self.ttt_doc_chunk > self.eval_seq_len:  # a window must hold a whole chunk
+            raise ConfigError(f"TTT_DOC_CHUNK={self.ttt_doc_chunk} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
         if self.rope_dims % 2 or self.rope_dims > head_dim:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {head_dim}")
         if not 2 <= self.quant_base_bits <= self.quant_max_bits <= 8:
@@ -206,7 +223,9 @@ class Hyperparameters:
         if not 2 <= self.matrix_bits <= 8 or self.embed_bits not in (0, *range(2, 9)):
             raise ConfigError("MATRIX_BITS must be in 2..8 and EMBED_BITS 0 (int8 table) or 2..8")
         for name, allowed in (("ttt_optimizer", ("muon", "sgd")), ("smear", ("blend", "gated")),
-                              ("muon_variant", ("turbo", "eqr")), ("quant_mode", ("mixed", "sdclip"))):
+                              ("muon_variant", ("turbo", "eqr")), ("quant_mode", ("mixed", "sdclip")),
+                              ("ttt_mode", ("chunk", "phased")), ("ttt_lora_optimizer", ("adamw", "muon")),
+                              ("ttt_global_optimizer", ("sgd", "muon"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name.upper()} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
@@ -222,7 +241,8 @@ class Hyperparameters:
                 raise ConfigError(f"{f.name.upper()} must be a finite number, got {getattr(self, f.name)}")
         for name in ["matrix_lr", "tied_embed_lr", "scalar_lr", "ttt_lr", "muon_wd", "adam_wd", "grad_clip_norm",
                      "ttt_grad_clip", "eval_budget_seconds", "gptq_reserve_ms", "gptq_damp", "alloc_overshoot",
-                     "embed_wd", "clip_sigmas_attn", "clip_sigmas_mlp", "clip_sigmas_embed"]:
+                     "embed_wd", "clip_sigmas_attn", "clip_sigmas_mlp", "clip_sigmas_embed", "ttt_lora_lr",
+                     "ttt_lora_wd", "ttt_global_lr"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
         for name in ["ema_decay", "swa_start_scale", "ttt_polyak_decay", "qat_threshold", "lr_floor", "warmdown_frac",
@@ -422,18 +442,27 @@ def fake_quantize(w, bits, alpha):
     return soft_round(w / scale, alpha).clamp(-qmax, qmax) * scale
 
 
+PROJECTIONS = ("q", "k", "v", "o", "up", "down")  # a block's bank matrices, in the order TTT's adapters use
+
+
 class BankLinear(nn.Module):
     """x @ W.T for a weight that lives in a parameter bank.  A module of its own so that Hessian collection
-    can hook its inputs, and late QAT can swap in the fake-quantized weight."""
+    can hook its inputs, and late QAT can swap in the fake-quantized weight.  `lora(name, x)`, when given, adds
+    TTT's per-document low-rank delta."""
 
     qat_enabled = False  # class-wide switch (one recompile); the sharpness is a tensor so it can change freely
     qat_alpha = torch.ones(())
     qat_bits = 5
 
-    def forward(self, x, weight):
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+
+    def forward(self, x, weight, lora=None):
         if BankLinear.qat_enabled and self.training:
             weight = fake_quantize(weight, BankLinear.qat_bits, BankLinear.qat_alpha)
-        return F.linear(x, weight.to(x.dtype))
+        y = F.linear(x, weight.to(x.dtype))
+        return y if lora is None else y + lora(self.name, x)
 
 
 def rms_norm(x):
@@ -489,7 +518,7 @@ class Block(nn.Module):
         dim = hp.model_dim
         self.layer, self.use_xsa, self.use_ve = layer, use_xsa, use_ve
         self.num_heads, self.num_kv_heads, self.head_dim = hp.num_heads, hp.num_kv_heads, dim // hp.num_heads
-        self.q, self.k, self.v, self.o, self.up, self.down = (BankLinear() for _ in range(6))
+        self.q, self.k, self.v, self.o, self.up, self.down = (BankLinear(name) for name in PROJECTIONS)
         self.rotary = Rotary(hp.rope_dims, hp.rope_base)
         self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
         self.attn_scale = nn.Parameter(torch.ones(dim))
@@ -500,14 +529,14 @@ class Block(nn.Module):
         self.ln_scale = 1.0 / math.sqrt(layer + 1)
         self.slope = hp.leaky_slope if hp.leaky_slope >= 0 else leaky_slopes(hp.num_layers)[layer]
 
-    def attn(self, x, banks, ve, doc_mask):
+    def attn(self, x, banks, ve, doc_mask, lora=None):
         """attn_scale * attention of the normed x (the branch alone, without the residual)."""
         i, n = self.layer, len(banks["mlp_up"])
         h = rms_norm(x) * self.ln_scale
         B, T, _ = h.shape
-        q = self.q(h, banks["qo"][i]).view(B, T, self.num_heads, self.head_dim)
-        k = self.k(h, banks["kv"][i]).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v(h, banks["kv"][n + i]).view(B, T, self.num_kv_heads, self.head_dim)
+        q = self.q(h, banks["qo"][i], lora).view(B, T, self.num_heads, self.head_dim)
+        k = self.k(h, banks["kv"][i], lora).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v(h, banks["kv"][n + i], lora).view(B, T, self.num_kv_heads, self.head_dim)
         if self.use_ve:
             v = v + self.ve_scale.to(v.dtype) * ve.view_as(v)
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[:, None]
@@ -520,26 +549,26 @@ class Block(nn.Module):
             y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, self.num_heads, self.head_dim)
         if self.attn_gate is not None:  # sparse per-head output gate, 0.5 at init
             y = y * torch.sigmoid(0.5 * F.linear(h[..., :GATE_WINDOW], self.attn_gate.to(h.dtype)))[..., None]
-        return self.attn_scale.to(x.dtype) * self.o(y.reshape(B, T, -1), banks["qo"][n + i])
+        return self.attn_scale.to(x.dtype) * self.o(y.reshape(B, T, -1), banks["qo"][n + i], lora)
 
-    def mlp(self, x, banks):
+    def mlp(self, x, banks, lora=None):
         h = rms_norm(x) * self.ln_scale
-        h = F.leaky_relu(self.up(h, banks["mlp_up"][self.layer]), self.slope).square()
-        return self.mlp_scale.to(x.dtype) * self.down(h, banks["mlp_down"][self.layer])
+        h = F.leaky_relu(self.up(h, banks["mlp_up"][self.layer], lora), self.slope).square()
+        return self.mlp_scale.to(x.dtype) * self.down(h, banks["mlp_down"][self.layer], lora)
 
     def mix(self, x, x0):
         return self.resid_mix[0] * x + self.resid_mix[1] * x0
 
-    def forward(self, x, x0, banks, ve, doc_mask):
+    def forward(self, x, x0, banks, ve, doc_mask, lora=None):
         x = self.mix(x, x0)
-        x = x + self.attn(x, banks, ve, doc_mask)
-        return x + self.mlp(x, banks)
+        x = x + self.attn(x, banks, ve, doc_mask, lora)
+        return x + self.mlp(x, banks, lora)
 
-    def forward_lanes(self, lanes, x0, banks, ve, doc_mask, post, resid):
+    def forward_lanes(self, lanes, x0, banks, ve, doc_mask, post, resid, lora=None):
         """Parallel residual lanes: attention reads lane 0 (mixed with x0), the MLP reads lane 1, both before this
         layer; each output reaches both lanes through learned scalars (post: 2 branches x 2 lanes)."""
-        a = self.attn(self.mix(lanes[0], x0), banks, ve, doc_mask)
-        m = self.mlp(lanes[1], banks)
+        a = self.attn(self.mix(lanes[0], x0), banks, ve, doc_mask, lora)
+        m = self.mlp(lanes[1], banks, lora)
         return [resid[j].to(a.dtype) * lanes[j] + post[0, j].to(a.dtype) * a + post[1, j].to(a.dtype) * m
                 for j in range(2)]
 
@@ -597,6 +626,7 @@ class GPT(nn.Module):
         kv_dim = hp.num_kv_heads * (d // hp.num_heads)
         self.hp, self.softcap = hp, hp.logit_softcap
         self.looping = hp.num_loops > 0  # eval and TTT always loop; training switches the loops on late
+        self.lora = None  # TTT_MODE=phased attaches per-document adapters (a LoRA) while it scores documents
         self.qo = nn.Parameter(torch.empty(2 * L, d, d))
         self.kv = nn.Parameter(torch.empty(2 * L, kv_dim, d))
         self.mlp_up = nn.Parameter(torch.empty(L, int(hp.mlp_mult * d), d))
@@ -641,6 +671,10 @@ class GPT(nn.Module):
     def banks(self):
         return {"qo": self.qo, "kv": self.kv, "mlp_up": self.mlp_up, "mlp_down": self.mlp_down}
 
+    def adapters(self, v):
+        """lora(name, x) of virtual layer v (each pass of a looped layer has its own), or None without adapters."""
+        return None if self.lora is None else functools.partial(self.lora.delta, v)
+
     def embed(self, ids):
         x = self.tok_emb(ids)
         if self.engram is not None:
@@ -658,10 +692,11 @@ class GPT(nn.Module):
         doc_mask = document_mask(ids) if self.hp.doc_isolation else None
         banks, skips, lanes = self.banks(), [], None
         encoder, decoder = layer_order(self.hp, self.looping)
-        for i in encoder:
-            x = self.blocks[i](x, x0, banks, ve, doc_mask)
+        for v, i in enumerate(encoder):
+            x = self.blocks[i](x, x0, banks, ve, doc_mask, self.adapters(v))
             skips.append(x)
         for j, i in enumerate(decoder):
+            lora = self.adapters(len(encoder) + j)
             if self.hp.parallel_start and i >= self.hp.parallel_start and lanes is None:
                 lanes = [x, x]
             if skips:  # U-Net: decoder layers blend in encoder outputs, LIFO (into lane 0 when lanes run)
@@ -673,13 +708,17 @@ class GPT(nn.Module):
                     lanes[0] = torch.lerp(skip, lanes[0], gate)
             block = self.blocks[i]
             if lanes is None:
-                x = block(x, x0, banks, ve, doc_mask)
+                x = block(x, x0, banks, ve, doc_mask, lora)
             else:
-                lanes = block.forward_lanes(lanes, x0, banks, ve, doc_mask, self.lane_post[i], self.lane_resid[i])
+                lanes = block.forward_lanes(lanes, x0, banks, ve, doc_mask, self.lane_post[i], self.lane_resid[i],
+                                            lora)
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
-        logits = self.head(rms_norm(x), self.tok_emb.weight).float()
-        logits = self.softcap * torch.tanh(logits / self.softcap)
+        h = rms_norm(x)
+        logits = self.head(h, self.tok_emb.weight)
+        if self.lora is not None:
+            logits = logits + self.lora.pair(-1, h)  # the LM head's adapter
+        logits = self.softcap * torch.tanh(logits.float() / self.softcap)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
 
@@ -789,6 +828,10 @@ class Muon:
                 handle.wait()
             p.data.mul_(1 - lr * self.wd)
             p.data.add_(update[:p.size(0) if p.dim() == 3 else 1].view_as(p), alpha=-lr)
+
+    def step(self, lr_scale=1.0):
+        """An unclipped step on one rank (for rank-local parameters: TTT's per-document adapters)."""
+        self.finish(self.launch_updates(self.reduce_grads(), lr_scale, 1.0), lr_scale)
 
 
 class Optimizers:
@@ -1130,12 +1173,18 @@ def score_windows(model, tokens, windows, hp, rt, luts, counts=None):
         seqs, mask = padded_batch(tokens, batch, hp.eval_batch_seqs, hp.eval_seq_len, rt.device)
         with rt.autocast():
             nll = model(seqs[:, :-1], seqs[:, 1:], reduction="none").view(mask.shape).double()
-        nbytes = token_bytes(luts, seqs[:, :-1], seqs[:, 1:]).double()
-        totals += torch.stack([(nll * mask).sum(), mask.sum().double(), (nbytes * mask).sum()])
-        if counts is not None:
-            for s, length, score_from in batch:
-                counts[s + score_from:s + length] += 1
+        add_scores(totals, nll, seqs, mask, batch, luts, counts)
     return totals
+
+
+def add_scores(totals, nll, seqs, mask, windows, luts, counts=None):
+    """Adds the masked predictions' (NLL, count, bytes) to the float64 totals; `counts` (tests) counts per
+    prediction how often it was scored."""
+    nbytes = token_bytes(luts, seqs[:, :-1], seqs[:, 1:]).double()
+    totals += torch.stack([(nll * mask).sum(), mask.sum().double(), (nbytes * mask).sum()])
+    if counts is not None:
+        for start, length, score_from in windows:
+            counts[start + score_from:start + length] += 1
 
 
 def all_sum(rt, t):
@@ -1604,15 +1653,15 @@ def chunk_epochs(hp, chunk_nll):
     return 2 if chunk_nll < hp.ttt_entropy_low else 4 if chunk_nll > hp.ttt_entropy_high else 3
 
 
-def build_ttt_optimizers(model, hp, world_size):
+def build_ttt_optimizers(model, hp, world_size, optimizer, lr):
     """muon: Turbo-Muon on the matrices (the training optimizer class) + SGD on the rest; sgd: SGD on all."""
     frozen = {id(p) for block in model.blocks[:hp.ttt_freeze_blocks] for p in block.parameters()}
-    matrices = matrix_params(model) if hp.ttt_optimizer == "muon" else []
+    matrices = matrix_params(model) if optimizer == "muon" else []
     rest = [p for p in model.parameters() if id(p) not in frozen and all(p is not m for m in matrices)]
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
-    muon = Muon(matrices, hp.ttt_lr, hp.ttt_momentum, 0.0, hp.muon_backend_steps, world_size)
-    sgd = torch.optim.SGD(rest, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+    muon = Muon(matrices, lr, hp.ttt_momentum, 0.0, hp.muon_backend_steps, world_size)
+    sgd = torch.optim.SGD(rest, lr=lr, momentum=hp.ttt_momentum)
     return Optimizers(muon, sgd, hp.ttt_grad_clip, world_size)
 
 
@@ -1672,13 +1721,24 @@ def steady_mean(times):
     return sum(times[1:]) / (len(times) - 1) if len(times) > 1 else 0.0
 
 
+def over_budget(hp, rt, projected):
+    """Rank 0's projection decides, so every rank takes the same branch."""
+    stop = torch.tensor(float(projected > hp.eval_budget_seconds), device=rt.device)
+    if rt.world_size > 1:
+        dist.broadcast(stop, 0)
+    return bool(stop.item())
+
+
 def eval_ttt(model, tokens, hp, rt, luts, eval_start, counts=None):
-    """Returns (val_loss, val_bpb, chunks_adapted, n_chunks).  Chunk k's windows are scored without gradients
-    before any update that uses them; the last chunk is never trained on; every prediction is scored exactly
-    once.  Adaptation stops (scoring goes on) when the projected eval time would pass EVAL_BUDGET_SECONDS."""
+    """TTT_MODE=chunk (phased: eval_ttt_phased).  Returns (val_loss, val_bpb, chunks_adapted, n_chunks).  Chunk k's
+    windows are scored without gradients before any update that uses them; the last chunk is never trained on;
+    every prediction is scored exactly once.  Adaptation stops (scoring goes on) when the projected eval time
+    would pass EVAL_BUDGET_SECONDS."""
+    if hp.ttt_mode == "phased":
+        return eval_ttt_phased(model, tokens, hp, rt, luts, eval_start, counts)
     P, C = len(tokens) - 1, hp.ttt_chunk_tokens
     n_chunks = math.ceil(P / C)
-    opt = build_ttt_optimizers(model, hp, rt.world_size)
+    opt = build_ttt_optimizers(model, hp, rt.world_size, hp.ttt_optimizer, hp.ttt_lr)
     polyak = Polyak(model, hp.ttt_polyak_decay) if hp.ttt_polyak else None
     rt.log(f"ttt:start chunks:{n_chunks} chunk_tokens:{C} optimizer:{hp.ttt_optimizer} lr:{hp.ttt_lr} "
            f"epochs:{hp.ttt_epochs} entropy_adapt:{hp.ttt_entropy_adapt} polyak:{hp.ttt_polyak} "
@@ -1702,10 +1762,7 @@ def eval_ttt(model, tokens, hp, rt, luts, eval_start, counts=None):
         epochs = chunk_epochs(hp, float(chunk[0] / chunk[1]))
         elapsed = time.perf_counter() - eval_start
         projected = elapsed + epochs * steady_mean(adapt_times) + (n_chunks - k - 1) * steady_mean(score_times)
-        stop = torch.tensor(float(projected > hp.eval_budget_seconds), device=rt.device)
-        if rt.world_size > 1:
-            dist.broadcast(stop, 0)  # rank 0's clock decides, so every rank takes the same branch
-        if stop.item():
+        if over_budget(hp, rt, projected):
             adapting = False
             rt.log(f"ttt:budget stop adapting at chunk {k}/{n_chunks} elapsed:{elapsed:.1f}s "
                    f"projected:{projected:.1f}s budget:{hp.eval_budget_seconds:.0f}s")
@@ -1726,6 +1783,164 @@ def eval_ttt(model, tokens, hp, rt, luts, eval_start, counts=None):
         p.requires_grad_(True)
     model.eval()
     return (*loss_and_bpb(totals), adapted, n_chunks)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Phased TTT: per-document LoRA adapters trained chunk by chunk after scoring, global phases on the base weights
+# ----------------------------------------------------------------------------------------------------
+
+LORA_ALPHA = 144.0  # the record's: an adapter adds (alpha / rank) B A x, 1.8 at rank 80
+
+
+class LoRA(nn.Module):
+    """Per-document low-rank adapters.  A pair A (docs, rank, in), B (docs, out, rank) for each of PROJECTIONS of
+    every virtual layer (each pass of a looped layer has its own) and one for the LM head: row b of a batch gets
+    (alpha / rank) B[b] A[b] x, so each document has its own adapter.  reset() zeroes B (a fresh adapter is the base
+    model) and, unless warm_a, puts back A's initial draw, seeded and the same for every row."""
+
+    def __init__(self, model, docs, rank, seed):
+        super().__init__()
+        d, kv, hidden = model.hp.model_dim, model.kv.size(1), model.mlp_up.size(1)
+        dims = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "up": (d, hidden), "down": (hidden, d)}
+        n_virtual = sum(len(part) for part in layer_order(model.hp, model.looping))
+        pairs = [dims[name] for _ in range(n_virtual) for name in PROJECTIONS] + [(d, model.hp.vocab_size)]
+        g = torch.Generator().manual_seed(seed)
+        self.A0 = [(2 * torch.rand(rank, n_in, generator=g) - 1) / math.sqrt(n_in) for n_in, _ in pairs]
+        self.A = nn.ParameterList(a.expand(docs, -1, -1).clone() for a in self.A0)
+        self.B = nn.ParameterList(torch.zeros(docs, n_out, rank) for _, n_out in pairs)
+        self.scale = LORA_ALPHA / rank
+
+    @torch.no_grad()
+    def reset(self, warm_a):
+        for b in self.B:
+            b.zero_()
+        for a, a0 in zip(self.A, self.A0):
+            if not warm_a:
+                a.copy_(a0.expand_as(a))
+
+    def pair(self, i, x):
+        return self.scale * (x @ self.A[i].mT.to(x.dtype)) @ self.B[i].mT.to(x.dtype)
+
+    def delta(self, v, name, x):
+        return self.pair(v * len(PROJECTIONS) + PROJECTIONS.index(name), x)
+
+
+def lora_optimizer(lora, hp):
+    if hp.ttt_lora_optimizer == "muon":  # Muon sees each (document, pair) slice as a matrix of its own
+        return Muon(list(lora.parameters()), hp.ttt_lora_lr, hp.ttt_momentum, hp.ttt_lora_wd, hp.muon_backend_steps, 1)
+    return torch.optim.AdamW(lora.parameters(), lr=hp.ttt_lora_lr, betas=(0.0, 0.99), eps=1e-10,
+                             weight_decay=hp.ttt_lora_wd)
+
+
+def split_documents(tokens):
+    """(begin, end) per document: predictions begin..end-1 read the tokens from its BOS on; the last one's target is
+    the next document's BOS.  The documents tile the predictions [0, len(tokens) - 1) exactly once."""
+    P = len(tokens) - 1
+    starts = sorted({0} | set((tokens[:P] == BOS_ID).nonzero().flatten().tolist()))
+    return list(zip(starts, starts[1:] + [P]))
+
+
+def score_doc_batch(model, lora, tokens, docs, hp, rt, luts, adapting, counts=None):
+    """Float64 (NLL, predictions, bytes) of a batch of documents (begin, end), each with its own adapter row.  Step s
+    scores every document's chunk s (TTT_DOC_CHUNK predictions, with the document's own earlier tokens as context,
+    up to EVAL_SEQ_LEN); then, from the same forward, one optimizer step trains each adapter on its document's chunk,
+    except on the document's last.  Rows are TTT_DOC_BATCH x a power of two, so only a few graphs compile."""
+    C, S = hp.ttt_doc_chunk, hp.eval_seq_len
+    lora.reset(hp.ttt_lora_warm_a)
+    opt = lora_optimizer(lora, hp)
+    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    for s in range(math.ceil(max(e - b for b, e in docs) / C)):
+        windows, last = [], torch.ones(hp.ttt_doc_batch, 1, dtype=torch.bool)
+        for r, (b, e) in enumerate(docs):
+            lo, hi = b + s * C, min(b + (s + 1) * C, e)
+            start = max(b, hi - S)
+            windows.append((start, hi - start, lo - start) if lo < hi else (0, 0, 0))
+            last[r] = hi == e
+        longest = max(C, max(length for _, length, _ in windows))
+        seqs, mask = padded_batch(tokens, windows, hp.ttt_doc_batch, min(S, 1 << (longest - 1).bit_length()),
+                                  rt.device)
+        with rt.autocast():
+            nll = model(seqs[:, :-1], seqs[:, 1:], reduction="none").float().view(mask.shape)
+        add_scores(totals, nll.detach().double(), seqs, mask, windows, luts, counts)
+        train = mask & ~last.to(rt.device)
+        if adapting and train.any():  # each document's mean over its chunk: its adapter's gradient is its own
+            ((nll * train).sum(1) / train.sum(1).clamp_min(1)).sum().backward()
+            opt.step()
+            lora.zero_grad(set_to_none=True)
+    return totals
+
+
+def global_phase(model, tokens, docs, hp, rt):
+    """One pass of the base weights over already-scored documents, joined in stream order (so every prediction keeps
+    its real target), TTT_CHUNK_TOKENS at a time, with TTT_GLOBAL_OPTIMIZER at TTT_GLOBAL_LR under a cosine over the
+    pass; each chunk's sequences are shared over the ranks as in adapt_on_chunk.  Returns seconds per chunk."""
+    docs = sorted(docs)
+    stream = torch.cat([tokens[b:e] for b, e in docs] + [tokens[docs[-1][1]:docs[-1][1] + 1]])
+    opt = build_ttt_optimizers(model, hp, rt.world_size, hp.ttt_global_optimizer, hp.ttt_global_lr)
+    P, C = len(stream) - 1, hp.ttt_chunk_tokens
+    n, times = math.ceil(P / C), []
+    model.train()
+    for k in range(n):
+        t0 = time.perf_counter()
+        adapt_on_chunk(model, opt, stream, k * C, min((k + 1) * C, P), 1, 0.5 * (1 + math.cos(math.pi * k / n)),
+                       hp, rt)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def eval_ttt_phased(model, tokens, hp, rt, luts, eval_start, counts=None):
+    """TTT_MODE=phased.  Documents (split_documents) longest first: TTT_PHASES groups of the first TTT_PREFIX_DOCS,
+    then the rest; each group in batches of TTT_DOC_BATCH (score_doc_batch), dealt round-robin to the ranks; after
+    every group but the last all ranks take a global_phase on every document scored so far.  Returns (val_loss,
+    val_bpb, batches_adapted, n_batches).  All adaptation stops, scoring goes on, when the projected eval time
+    would pass EVAL_BUDGET_SECONDS."""
+    base = getattr(model, "_orig_mod", model)  # under torch.compile the adapters go on the wrapped module
+    docs = sorted(split_documents(tokens), key=lambda d: (d[0] - d[1], d[0]))
+    prefix = min(hp.ttt_prefix_docs, len(docs)) if hp.ttt_phases else 0
+    cuts = [prefix * (i + 1) // hp.ttt_phases for i in range(hp.ttt_phases)] + [len(docs)]
+    groups = [docs[a:b] for a, b in zip([0] + cuts, cuts) if b > a]
+    scored_by = [sum(e - b for b, e in sum(groups[:g + 1], [])) for g in range(len(groups))]  # predictions
+    lora = LoRA(base, hp.ttt_doc_batch, hp.ttt_lora_rank, hp.seed).to(rt.device)
+    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    rounds, global_times, adapting, adapted, n_batches, done = [], [], True, 0, 0, 0  # rounds: (seconds, predictions)
+    rt.log(f"ttt:start mode:phased docs:{len(docs)} groups:{[len(g) for g in groups]} doc_batch:{hp.ttt_doc_batch} "
+           f"doc_chunk:{hp.ttt_doc_chunk} lora:{hp.ttt_lora_optimizer} rank:{hp.ttt_lora_rank} lr:{hp.ttt_lora_lr} "
+           f"warm_a:{hp.ttt_lora_warm_a} global:{hp.ttt_global_optimizer} lr:{hp.ttt_global_lr}")
+
+    def within_budget(g):  # steady rates (the first round and chunk, which compile, left out) over the work left
+        rate = sum(t for t, _ in rounds[1:]) / max(sum(n for _, n in rounds[1:]), 1)
+        projected = (time.perf_counter() - eval_start + (scored_by[-1] - done) * rate
+                     + sum(scored_by[g:-1]) * steady_mean(global_times) / hp.ttt_chunk_tokens)
+        if over_budget(hp, rt, projected):
+            rt.log(f"ttt:budget stop adapting in group {g + 1}/{len(groups)} after {done} predictions "
+                   f"projected:{projected:.1f}s budget:{hp.eval_budget_seconds:.0f}s")
+            return False
+        return True
+
+    for g, group in enumerate(groups):
+        batches = [group[i:i + hp.ttt_doc_batch] for i in range(0, len(group), hp.ttt_doc_batch)]
+        for p in base.parameters():
+            p.requires_grad_(False)
+        base.lora = lora
+        model.train()
+        for r in range(0, len(batches), rt.world_size):
+            here = batches[r:r + rt.world_size]
+            adapting = adapting and within_budget(g)
+            t0 = time.perf_counter()
+            if rt.rank < len(here):
+                totals += score_doc_batch(model, lora, tokens, here[rt.rank], hp, rt, luts, adapting, counts)
+            rounds.append((time.perf_counter() - t0, sum(e - b for batch in here for b, e in batch)))
+            done, adapted, n_batches = done + rounds[-1][1], adapted + len(here) * adapting, n_batches + len(here)
+        base.lora = None
+        adapting = adapting and (g == len(groups) - 1 or within_budget(g))
+        if adapting and g < len(groups) - 1:
+            global_times += global_phase(model, tokens, sum(groups[:g + 1], []), hp, rt)
+        rt.log(f"ttt:group {g + 1}/{len(groups)} docs:{len(group)} batches:{len(batches)} adapting:{int(adapting)} "
+               f"time:{time.perf_counter() - eval_start:.1f}s")
+    for p in base.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return (*loss_and_bpb(all_sum(rt, totals)), adapted, n_batches)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1847,7 +2062,7 @@ def run_eval_phase(artifact_path, val_tokens, hp, rt, luts):
         loss, bpb, adapted, n_chunks = eval_ttt(scorer, val_tokens, hp, rt, luts, eval_start)
         rt.log(f"final_int6_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
                f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms "
-               f"chunks_adapted:{adapted}/{n_chunks}")
+               f"{'batches' if hp.ttt_mode == 'phased' else 'chunks'}_adapted:{adapted}/{n_chunks}")
     log_compiled_graphs(hp, rt, "eval")
     rt.log(f"eval_phase_time:{time.perf_counter() - eval_start:.1f}s")
 

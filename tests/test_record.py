@@ -104,8 +104,8 @@ def test_parallel_lanes_equal_a_parallel_block_when_routing_is_identity():
     sequential = tg.GPT(dataclasses.replace(hp, parallel_start=0))
     sequential.load_state_dict(lanes.state_dict(), strict=False)
     block = sequential.blocks[2]
-    block.forward = lambda x, x0, banks, ve, mask: (x + block.attn(block.mix(x, x0), banks, ve, mask)
-                                                    + block.mlp(x, banks))
+    block.forward = lambda x, x0, banks, ve, mask, lora: (x + block.attn(block.mix(x, x0), banks, ve, mask)
+                                                          + block.mlp(x, banks))
     seq = torch.randint(2, 1024, (65,)).tolist()
     assert torch.allclose(nll(lanes, seq), nll(sequential, seq), atol=1e-6)
     with torch.no_grad():

@@ -1,0 +1,325 @@
+"""TTT_MODE=phased: per-document LoRA adapters scored chunk by chunk, with global phases on the base weights.
+
+What it guarantees a grader, on a seeded random-init tiny model and synthetic documents (no ../shared needed):
+- every prediction is scored exactly once, its score fixed before any update (adapter or global) that used it:
+  changing a token never moves a score made before it in processing order, bit for bit;
+- one document's adapter never reaches another document, except through the documented warm A (the next batch's
+  document in the same row), and a document's last chunk never trains anything;
+- the global phases train on exactly the documents scored so far, one pass each, and on nothing else;
+- the result does not depend on how the batches are dealt to ranks (2 gloo ranks = 1 rank);
+- the budget guard stops adapting, never scoring, and does not project the first (compiling) round.
+Scores are observed by test-side instrumentation (a wrapper around tg.padded_batch plus a forward hook).
+"""
+import functools
+import sys
+import time
+
+import pytest
+import torch
+
+import train_gpt_human as tg
+from conftest import REPO, TOKENIZER_1024
+from test_ttt_legality import make_env, run_ranks, synthetic_luts
+
+sys.path.insert(0, str(REPO / "tools"))
+import ttt_modes  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# 14 documents of 46, 44, ..., 20 predictions (BOS included), in a shuffled stream order.  Longest first, with
+# TTT_PREFIX_DOCS=8 and TTT_PHASES=2 they form the groups [46..40], [38..32] (each followed by a global phase) and
+# [30..20]; TTT_DOC_BATCH=2 gives batches of two, TTT_DOC_CHUNK=8 chunks of 8, and EVAL_SEQ_LEN=32 caps the context.
+LENGTHS = list(range(46, 18, -2))
+GROUPS = [LENGTHS[:4], LENGTHS[4:8], LENGTHS[8:]]
+RANGE = 340  # group g's tokens (BOS aside) use ids [2 + g * RANGE, 2 + (g + 1) * RANGE): an id names its group
+PHASED = dict(TTT_MODE="phased", TTT_DOC_CHUNK=8, TTT_DOC_BATCH=2, TTT_PREFIX_DOCS=8, TTT_PHASES=2, EVAL_SEQ_LEN=32,
+              EVAL_STRIDE=16, TTT_CHUNK_TOKENS=64, TTT_BATCH_SEQS=2, TTT_LORA_LR=0.01)
+RECORD = dict(PRESET="record", NUM_LAYERS=4, LOOP_START=1, LOOP_END=2, PARALLEL_START=3, ENGRAM_BUCKETS=0, VE_DIM=0)
+
+
+def make_hp(**overrides):
+    return tg.Hyperparameters.from_env(make_env(**{**PHASED, **overrides}))
+
+
+def documents(seed=0):
+    """(tokens, {length: (begin, end)}): the documents in a shuffled order, then one BOS (the last target)."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(LENGTHS), generator=g).tolist()
+    parts, spans, pos = [], {}, 0
+    for n in (LENGTHS[i] for i in order):
+        group = next(k for k, lengths in enumerate(GROUPS) if n in lengths)
+        parts.append(torch.cat([torch.tensor([tg.BOS_ID]),
+                                torch.randint(2 + group * RANGE, 2 + (group + 1) * RANGE, (n - 1,), generator=g)]))
+        spans[n], pos = (pos, pos + n), pos + n
+    return torch.cat(parts + [torch.tensor([tg.BOS_ID])]), spans
+
+
+def random_model(hp, seed=0):
+    torch.manual_seed(seed)
+    return tg.GPT(hp)
+
+
+class Recorder:
+    """Per-prediction scores and how often each was scored (from the doc batches' forwards), and every global-phase
+    forward (sequences, mask, and which predictions had been scored by then)."""
+
+    def __init__(self, monkeypatch, model, tokens):
+        self.scores = torch.full((len(tokens) - 1,), float("nan"), dtype=torch.float64)
+        self.times_scored = torch.zeros(len(tokens) - 1, dtype=torch.int64)
+        self.global_steps = []
+        pending, original = [], tg.padded_batch
+
+        def padded_batch(toks, windows, rows, seq_len, device):
+            seqs, mask = original(toks, windows, rows, seq_len, device)
+            pending.append((toks is tokens, windows, seqs, mask))
+            return seqs, mask
+
+        def hook(module, args, output):
+            is_doc_batch, windows, seqs, mask = pending.pop()
+            assert torch.equal(args[0], seqs[:, :-1])
+            nll = output.detach().view(mask.shape).double()
+            if not is_doc_batch:
+                self.global_steps.append((seqs, mask, self.times_scored.clone()))
+                return
+            for r, (start, length, score_from) in enumerate(windows):
+                assert torch.equal(mask[r].nonzero().flatten(), torch.arange(score_from, length))
+                self.scores[start + score_from:start + length] = nll[r, score_from:length]
+                self.times_scored[start + score_from:start + length] += 1
+
+        monkeypatch.setattr(tg, "padded_batch", padded_batch)
+        model.register_forward_hook(hook)
+
+
+def run_phased(monkeypatch, tmp_path, tokens, **overrides):
+    hp = make_hp(**overrides)
+    model = random_model(hp)
+    rec = Recorder(monkeypatch, model, tokens)
+    counts = torch.zeros(len(tokens) - 1, dtype=torch.int64)
+    rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "log.txt"))
+    result = tg.eval_ttt(model, tokens, hp, rt, synthetic_luts(), time.perf_counter(), counts)
+    monkeypatch.undo()
+    return result, rec, counts
+
+
+def test_split_documents_tile_every_prediction_once():
+    B = tg.BOS_ID
+    for seq in ([B, 5, 6, B, 7, B, B, 8, 9], [5, 6, B, 7, 8], [B, 5, 6, 7], [5, B], [B, B, B], [5, 6]):
+        tokens = torch.tensor(seq)
+        docs = tg.split_documents(tokens)
+        assert [b for b, _ in docs] == sorted({0} | {i for i, t in enumerate(seq[:-1]) if t == B})
+        assert docs[0][0] == 0 and docs[-1][1] == len(seq) - 1
+        assert all(e == b2 for (_, e), (b2, _) in zip(docs, docs[1:]))  # contiguous: each prediction once
+        assert all(b < e for b, e in docs)
+    assert tg.split_documents(torch.tensor([B, 5, 6, B, 7, B, B, 8, 9])) == [(0, 3), (3, 5), (5, 6), (6, 8)]
+
+
+@pytest.mark.parametrize("preset", ["seed", "record"])
+def test_adapters_one_per_virtual_layer_and_one_row_per_document(preset):
+    hp = make_hp(**(RECORD if preset == "record" else {}), TTT_DOC_BATCH=2, TTT_LORA_RANK=4)
+    model = random_model(hp)
+    model.eval()
+    with torch.no_grad():
+        model.mlp_down.normal_(std=0.05)  # zero at init, which would hide the up projection's adapter
+    n_virtual = sum(map(len, tg.layer_order(hp, model.looping)))
+    assert n_virtual == (8 if preset == "record" else 2)  # record: layers 0, 1, 2, 1, 2, 1, 2, 3
+    lora = tg.LoRA(model, 2, 4, seed=0)
+    assert len(lora.A) == len(lora.B) == 6 * n_virtual + 1
+    ids = torch.randint(2, 1024, (2, 24), generator=torch.Generator().manual_seed(1))
+    base = model(ids, ids, reduction="none").view(2, -1)
+    model.lora = lora
+    with torch.no_grad():
+        assert torch.equal(model(ids, ids, reduction="none").view(2, -1), base)  # B = 0: the base model
+        for i, b in enumerate(lora.B):  # every pair is used, and only by its own row (document)
+            b[1].normal_()
+            out = model(ids, ids, reduction="none").view(2, -1)
+            assert torch.equal(out[0], base[0]) and not torch.equal(out[1], base[1]), f"pair {i}"
+            b.zero_()
+        for a in lora.A:
+            a.add_(1.0)
+        lora.B[0].normal_()
+        lora.reset(warm_a=1)  # B back to zero, A kept
+        assert all(not b.any() for b in lora.B)
+        assert all(torch.equal(a, (a0 + 1).expand_as(a)) for a, a0 in zip(lora.A, lora.A0))
+        lora.reset(warm_a=0)  # A back to its seeded draw, the same in every row
+        assert all(torch.equal(a[0], a0) and torch.equal(a[1], a0) for a, a0 in zip(lora.A, lora.A0))
+
+
+@pytest.mark.parametrize("preset", ["seed", "record"])
+def test_scored_once_and_global_phases_train_on_exactly_the_scored_documents(monkeypatch, tmp_path, preset):
+    tokens, spans = documents()
+    overrides = dict(RECORD if preset == "record" else {}, TTT_GLOBAL_OPTIMIZER="muon" if preset == "record" else "sgd")
+    (loss, bpb, adapted, n_batches), rec, counts = run_phased(monkeypatch, tmp_path, tokens, **overrides)
+    P = len(tokens) - 1
+    assert (adapted, n_batches) == (7, 7)
+    assert torch.equal(counts, torch.ones(P, dtype=torch.int64))
+    assert torch.equal(rec.times_scored, counts)
+    assert loss == pytest.approx(float(rec.scores.mean()), rel=1e-12)
+    log = (tmp_path / "log.txt").read_text()
+    assert "ttt:start mode:phased docs:14 groups:[4, 4, 6] " in log
+    phases = {}  # predictions scored by then -> that phase's forwards
+    for seqs, mask, scored in rec.global_steps:
+        phases.setdefault(int(scored.sum()), []).append((seqs, mask, scored))
+    assert sorted(phases) == [sum(GROUPS[0]), sum(GROUPS[0]) + sum(GROUPS[1])]
+    for k, steps in enumerate(phases[n] for n in sorted(phases)):
+        done = [spans[n] for group in GROUPS[:k + 1] for n in group]
+        scored = torch.zeros(P, dtype=torch.int64)
+        for b, e in done:
+            scored[b:e] = 1
+        assert all(torch.equal(step[2], scored) for step in steps)
+        inputs = torch.cat([s[:, :-1][m] for s, m, _ in steps])
+        targets = torch.cat([s[:, 1:][m] for s, m, _ in steps])
+        # only tokens of the groups scored so far (an id names its group) ...
+        assert int(inputs.max()) < 2 + (k + 1) * RANGE and int(targets.max()) < 2 + (k + 1) * RANGE
+        # ... and exactly the scored documents' targets, once each: one pass
+        expected = sum(torch.bincount(tokens[b + 1:e + 1], minlength=1024) for b, e in done)
+        assert torch.equal(torch.bincount(targets, minlength=1024), expected)
+
+
+def changed(base, rec, span):
+    b, e = span
+    return not torch.equal(base.scores[b:e], rec.scores[b:e])
+
+
+@pytest.mark.parametrize("warm_a", [0, 1])
+def test_score_first_and_no_leak_between_documents(monkeypatch, tmp_path, warm_a):
+    """Change one target in chunk 1 of the first document of group 1 (batch 0, row 0): every score made before it
+    in processing order keeps its bits; group 2, scored after the global phase that trained on it, moves."""
+    tokens, spans = documents()
+    _, base, _ = run_phased(monkeypatch, tmp_path, tokens, TTT_LORA_WARM_A=warm_a)
+    b, e = spans[38]
+    t = b + 12  # the target of prediction b + 11 (chunk 1 of 5)
+    tokens2 = tokens.clone()
+    tokens2[t] = 2 + RANGE + (tokens[t] - 2 - RANGE + 1) % RANGE
+    _, rec, _ = run_phased(monkeypatch, tmp_path, tokens2, TTT_LORA_WARM_A=warm_a)
+    assert torch.equal(rec.scores[b:t - 1], base.scores[b:t - 1]) and rec.scores[t - 1] != base.scores[t - 1]
+    for n in GROUPS[0] + [36, 32]:  # scored earlier, or in the same batch, or in the other row
+        assert not changed(base, rec, spans[n]), n
+    assert changed(base, rec, spans[34]) == bool(warm_a)  # batch 1, row 0: reached only through the warm A
+    assert all(changed(base, rec, spans[n]) for n in GROUPS[2])  # the global phase after group 1 used it
+
+
+def test_last_chunk_never_trains(monkeypatch, tmp_path):
+    """In the last group (no global phase after it) with the warm A on: a change inside a document's last chunk
+    reaches nothing else, while the same change in its first chunk reaches the later batches' documents in its row."""
+    tokens, spans = documents()
+    _, base, _ = run_phased(monkeypatch, tmp_path, tokens, TTT_LORA_WARM_A=1)
+    b, e = spans[30]  # group 2, batch 0, row 0: chunks of 8, 8, 8, 6
+    for t, leaks in ((e - 2, False), (b + 5, True)):
+        tokens2 = tokens.clone()
+        tokens2[t] = 2 + 2 * RANGE + (tokens[t] - 2 - 2 * RANGE + 1) % RANGE
+        _, rec, _ = run_phased(monkeypatch, tmp_path, tokens2, TTT_LORA_WARM_A=1)
+        assert torch.equal(rec.scores[b:t - 1], base.scores[b:t - 1]) and rec.scores[t - 1] != base.scores[t - 1]
+        for n in LENGTHS:
+            if n != 30:  # only row 0 of the later batches (26, 22) may move, and only through the warm A
+                assert changed(base, rec, spans[n]) == (leaks and n in (26, 22)), (t - b, n)
+
+
+def test_fresh_adapters_score_each_document_in_its_own_context(monkeypatch, tmp_path):
+    """No adaptation (budget 0) equals adapters at LR 0 without phases, and both equal the base model run on each
+    document alone (EVAL_SEQ_LEN 64 holds every document): context is the document's own earlier tokens."""
+    tokens, spans = documents()
+    (loss, bpb, adapted, n), rec, counts = run_phased(monkeypatch, tmp_path, tokens, EVAL_SEQ_LEN=64,
+                                                      EVAL_BUDGET_SECONDS=0)
+    assert (adapted, n) == (0, 7) and torch.equal(counts, torch.ones_like(counts))
+    assert "ttt:budget stop adapting in group 1/3 after 0 predictions" in (tmp_path / "log.txt").read_text()
+    (loss0, bpb0, adapted0, _), _, _ = run_phased(monkeypatch, tmp_path, tokens, EVAL_SEQ_LEN=64, TTT_LORA_LR=0,
+                                                  TTT_PHASES=0)
+    assert adapted0 == 7 and loss0 == loss and bpb0 == bpb
+    model = random_model(make_hp(EVAL_SEQ_LEN=64))
+    with torch.no_grad():
+        for b, e in spans.values():
+            alone = model(tokens[None, b:e], tokens[None, b + 1:e + 1], reduction="none").double()
+            assert torch.allclose(rec.scores[b:e], alone, rtol=1e-5, atol=1e-6)
+
+
+def slow_first_forwards(model, delay):
+    """The first adapter forward and the first global-phase forward each take `delay` more seconds, as compiling
+    their graphs does on a compiled run."""
+    first, forward = {True, False}, model.forward
+
+    def timed(*args, **kwargs):
+        kind = model.lora is not None
+        if kind in first:
+            first.discard(kind)
+            time.sleep(delay)
+        return forward(*args, **kwargs)
+
+    model.forward = timed
+    return model
+
+
+def test_budget_guard_is_not_fooled_by_compilation(tmp_path):
+    """A 3 s one-off cost in the first document batch and the first global chunk must not be projected: from the
+    first round alone the guard would project 3 s x 420 / 46 predictions > the 12 s budget."""
+    tokens, _ = documents()
+    hp = make_hp(TTT_DOC_BATCH=1, EVAL_BUDGET_SECONDS=12)
+    model = slow_first_forwards(random_model(hp), delay=3.0)
+    rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "log.txt"))
+    t0 = time.perf_counter()
+    *_, adapted, n = tg.eval_ttt(model, tokens, hp, rt, synthetic_luts(), t0)
+    assert time.perf_counter() - t0 < 12  # the budget really held the whole run
+    assert (adapted, n) == (14, 14), (tmp_path / "log.txt").read_text()
+
+
+def test_compiled_graphs_are_few_and_fixed(monkeypatch, tmp_path):
+    """Doc batches are TTT_DOC_BATCH x a power of two up to EVAL_SEQ_LEN (8, 16, 32 here) and the global phases
+    have one shape: 4 graphs of GPT.forward, and a second run compiles none.  dynamo's eager backend counts graphs
+    exactly like inductor."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(tg.torch, "compile", functools.partial(torch.compile, backend="eager"))
+    tokens, _ = documents()
+    hp = make_hp(COMPILE=1)
+    rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "log.txt"))
+    model = random_model(hp)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    eager = tg.eval_ttt(model, tokens, hp, rt, synthetic_luts(), time.perf_counter())
+    model.load_state_dict(state)
+    scorer = tg.maybe_compile(model, hp, rt)
+    for _ in range(2):
+        model.load_state_dict(state)
+        assert tg.eval_ttt(scorer, tokens, hp, rt, synthetic_luts(), time.perf_counter()) == eager
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
+
+
+@pytest.mark.slow  # two spawned gloo processes
+def test_two_ranks_match_one_rank(tmp_path):
+    """Batches dealt to 2 ranks (one idles in group 2's last round) give the 1-rank result, global phases included.
+    With the warm A off only: with it on, a batch's A comes from the batch before it on the same rank."""
+    tokens, _ = documents()
+    hp = make_hp()
+    state = random_model(hp).state_dict()
+    configs = [dict(TTT_LORA_WARM_A=0), dict(TTT_LORA_WARM_A=0, TTT_GLOBAL_OPTIMIZER="muon", TTT_LORA_OPTIMIZER="muon",
+                                              TTT_LORA_LR=0.003), dict(TTT_LORA_WARM_A=1)]
+    results = run_ranks(tmp_path, make_env(**PHASED), state, tokens, synthetic_luts(), configs)
+    for config, (per_rank, counts) in zip(configs, results):
+        assert torch.equal(counts, torch.ones(len(tokens) - 1, dtype=torch.int64)), config
+        assert per_rank[0] == per_rank[1] and per_rank[0][2:] == (7, 7)
+        model = random_model(hp)
+        model.load_state_dict(state)
+        one = tg.eval_ttt(model, tokens, make_hp(**config), tg.Runtime(0, 1, torch.device("cpu"),
+                          str(tmp_path / "log1.txt")), synthetic_luts(), time.perf_counter())
+        print(f"{config}: 1 rank {one[:2]}  2 ranks {per_rank[0][:2]}")
+        if not config["TTT_LORA_WARM_A"]:
+            assert abs(one[0] - per_rank[0][0]) < 1e-5 and abs(one[1] - per_rank[0][1]) < 1e-5, config
+
+
+def test_ttt_modes_tool(tiny_data, tmp_path):
+    """tools/ttt_modes.py trains once and evaluates every mode on the same tokens: a mode that adapts nothing reports
+    the sliding-window number, and the per-second columns are what they say."""
+    env = dict(ttt_modes.TINY, DATA_PATH=str(tiny_data), TOKENIZER_PATH=str(TOKENIZER_1024), ITERATIONS="4",
+               VAL_MAX_TOKENS="2049", TTT_CHUNK_TOKENS="512", EVAL_BATCH_SEQS="8", TTT_DOC_BATCH="4",
+               TTT_LORA_RANK="4", TTT_PREFIX_DOCS="1", TTT_PHASES="1")
+    modes = [ttt_modes.parse_mode(m) for m in ("still:TTT_EPOCHS=0", "phased:TTT_MODE=phased,TTT_LORA_LR=0.001")]
+    assert modes[1] == ("phased", {"TTT_MODE": "phased", "TTT_LORA_LR": "0.001"})
+    rows = ttt_modes.compare(env, modes, str(tmp_path / "log.txt"))
+    assert [r["mode"] for r in rows] == ["sliding", "still", "phased"]
+    assert rows[1]["val_bpb"] == pytest.approx(rows[0]["val_bpb"], abs=1e-9) and rows[1]["adapted"] == "3/4"
+    assert rows[2]["val_bpb"] != rows[0]["val_bpb"] and "ttt:start mode:phased" in (tmp_path / "log.txt").read_text()
+    for row in rows:
+        assert row["predictions_per_s"] == pytest.approx(2048 / row["seconds"])
+    for row in rows[1:]:
+        extra = row["seconds"] - rows[0]["seconds"]  # no extra time (a mode as fast as sliding): no rate
+        expected = (rows[0]["val_bpb"] - row["val_bpb"]) / extra if extra > 0 else None
+        assert row["gain_per_extra_s"] == (None if expected is None else pytest.approx(expected))
+    assert len(ttt_modes.table(rows).splitlines()) == 5

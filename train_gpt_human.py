@@ -274,7 +274,8 @@ PRESETS = {
         parallel_start=8, smear="gated", attn_gate=1, doc_isolation=1, muon_variant="eqr", muon_backend_steps=5,
         muon_momentum=0.97, matrix_lr=0.026, muon_wd=0.095, embed_beta1=0.9, adam_beta2=0.99, tied_embed_lr=0.03,
         embed_wd=0.085, scalar_lr=0.02, adam_wd=0.02, warmdown_frac=0.85, lr_floor=0.10, ema_decay=0.9965,
-        swa_every=0, qat_threshold=0.0, gptq_reserve_ms=8000.0, quant_mode="sdclip", embed_bits=7, lqer_rank=4),
+        swa_every=0, qat_threshold=0.0, gptq_reserve_ms=8000.0, quant_mode="sdclip", embed_bits=7,
+        ttt_mode="phased"),
 }
 
 # torchrun and common system variables that share our prefixes but are not ours
@@ -1475,9 +1476,9 @@ def quant_targets(state, hp):
 def sdclip_plan(targets, others, hessians, hp, budget, rt):
     """SDClip sizing: bank matrices at MATRIX_BITS, the embedding at EMBED_BITS, k by matrix type; every k times
     one factor, bisected on the codes' entropy so that the size lands on the budget: the finest codes that fit,
-    pruning stays the last resort.  The estimate is calibrated once against the real compressor (the artifact
-    with rounded codes through the fast compressor, times the fast-to-real ratio of a 4 MB slice) and against
-    GPTQ, whose codes spread wider than rounding's (GPTQ on every 16th row: rows are quantized independently)."""
+    pruning stays the last resort.  The estimate is calibrated once against the real compressor (the whole artifact
+    with rounded codes at the first guess: one full-quality pass) and against GPTQ, whose codes spread wider than
+    rounding's (GPTQ on every 16th row: rows are quantized independently)."""
     bits = [hp.embed_bits if g == "embed" else hp.matrix_bits for *_, g in targets]
     base = [{"attn": hp.clip_sigmas_attn, "mlp": hp.clip_sigmas_mlp, "embed": hp.clip_sigmas_embed}[g.split(".")[0]]
             for *_, g in targets]
@@ -1503,11 +1504,10 @@ def sdclip_plan(targets, others, hessians, hp, budget, rt):
 
     others_bytes = len(compress_bytes(serialize(others), fast=True))
     factor = factor_for(budget - others_bytes)
-    raw = serialize(others + coded(factor))
-    tail = raw[-(4 << 20):]
-    real = len(compress_bytes(raw, fast=True)) * len(compress_bytes(tail)) / len(compress_bytes(tail, fast=True))
-    compressor = real / (others_bytes + entropy(coded(factor)))
-    spread = entropy(coded(factor, slice(None, None, 16), gptq=True)) / entropy(coded(factor, slice(None, None, 16)))
+    entries = coded(factor)  # calibrated once with the real compressor on the whole artifact (slices mislead it)
+    compressor = len(compress_bytes(serialize(others + entries))) / (others_bytes + entropy(entries))
+    sample = slice(None, None, 16)
+    spread = entropy(coded(factor, sample, gptq=True)) / entropy(coded(factor, sample))
     factor = factor_for((budget / compressor - others_bytes) / spread)
     rt.log(f"quant:sdclip factor:{factor:.3f} calibration:{compressor:.4f} gptq_spread:{spread:.4f} "
            f"budget:{budget:.0f} bits:{hp.matrix_bits} embed_bits:{hp.embed_bits}")
@@ -1611,24 +1611,29 @@ def prune_to_fit(entries, costs, hp, rt, budget):
     real = measure(0)
     over, fit = 0, ((0, real) if len(real) <= budget else None)  # over: most pruning known not to fit
     aim = budget - max(budget // 1000, 1024)
+
+    def least_fitting(lo, hi, a, b):  # binary search on the proxy, the ratio linear through points a and b
+        slope = (b[1] - a[1]) / max(b[0] - a[0], 1)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(compress_bytes(build(mid), fast=True)) * (a[1] + slope * (mid - a[0])) <= aim:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
     for _ in range(6):  # bracket the least pruning that fits, until a fit lands within 0.5% of the budget
         if fit and (fit[0] - over <= 1 or len(fit[1]) >= budget - budget // 200):
             break
         lo, hi = min(over + 1, len(order)), fit[0] if fit else len(order)
-        r0, r1, span = ratios[over], ratios.get(hi, ratios[over]), max(hi - over, 1)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if len(compress_bytes(build(mid), fast=True)) * (r0 + (r1 - r0) * (mid - over) / span) <= aim:
-                hi = mid
-            else:
-                lo = mid + 1
-        real = measure(lo)
+        k = least_fitting(lo, hi, (over, ratios[over]), (hi, ratios.get(hi, ratios[over])))
+        real = measure(k)
         if len(real) <= budget:
-            fit = (lo, real)
-        elif lo == len(order):
+            fit = (k, real)
+        elif k == len(order):
             break
         else:
-            over = lo
+            over = k
     if fit is None and over < len(order):  # the proxy never bracketed a fit: try pruning every candidate
         real = measure(len(order))
         fit = (len(order), real) if len(real) <= budget else None

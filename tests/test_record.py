@@ -24,7 +24,8 @@ RECORD = {
     "adam_beta2": 0.99, "tied_embed_lr": 0.03, "embed_wd": 0.085, "scalar_lr": 0.02, "adam_wd": 0.02,
     "grad_clip_norm": 0.3, "warmdown_frac": 0.85, "lr_floor": 0.10, "ema_decay": 0.9965, "swa_every": 0,
     "qat_threshold": 0.0, "gptq_reserve_ms": 8000.0, "quant_mode": "sdclip", "matrix_bits": 6, "embed_bits": 7,
-    "clip_sigmas_attn": 13.0, "clip_sigmas_mlp": 11.5, "clip_sigmas_embed": 14.0, "lqer_rank": 4, "lqer_top_k": 3,
+    "clip_sigmas_attn": 13.0, "clip_sigmas_mlp": 11.5, "clip_sigmas_embed": 14.0, "lqer_rank": 0, "lqer_top_k": 3,
+    "ttt_mode": "phased",
 }
 TINY = {"NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "2", "PARALLEL_START": "3", "MODEL_DIM": "64",
         "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "VOCAB_SIZE": "1024", "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128"}
@@ -200,8 +201,8 @@ def test_record_preset_end_to_end(tiny_data_8192, tmp_path):
     env = dict(TINY, PRESET="record", DEVICE="cpu", COMPILE="0", VOCAB_SIZE="8192", DATA_PATH=str(tiny_data_8192),
                TOKENIZER_PATH=str(TOKENIZER_8192), RUN_ID="record", TRAIN_BATCH_TOKENS="2048", GRAD_ACCUM_STEPS="1",
                ITERATIONS="40", WARMUP_STEPS="2", TRAIN_LOG_EVERY="10", VAL_MAX_TOKENS="4097", EVAL_BATCH_SEQS="8",
-               TTT_CHUNK_TOKENS="1024", TTT_BATCH_SEQS="4", GPTQ_CALIB_BATCHES="2", OMP_NUM_THREADS="2",
-               PYTHONPATH=str(REPO))
+               TTT_CHUNK_TOKENS="1024", TTT_BATCH_SEQS="4", TTT_DOC_BATCH="4", GPTQ_CALIB_BATCHES="2",
+               OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
     rc, out = run_script(REPO / "train_gpt_human.py", env, tmp_path, timeout=600)
     assert rc == 0, out[-3000:]
     assert "layer_loop:enabled step:14 " in out
@@ -211,6 +212,7 @@ def test_record_preset_end_to_end(tiny_data_8192, tmp_path):
     train = [float(x) for x in re.findall(r"train_loss:([\d.]+)", out)]
     assert len(train) == 4 and train[-1] < train[0] - 0.5
     assert abs(loss["final_int6_roundtrip_exact"] - loss["final_prequant_exact"]) < 0.05
-    assert "chunks_adapted:3/4" in out
+    adapted, batches = map(int, re.search(r"batches_adapted:(\d+)/(\d+)", out).groups())  # the record's phased TTT
+    assert adapted == batches >= 2, out[-3000:]
     total = int(re.search(r"Total submission size int6\+\w+: (\d+) bytes", out)[1])
     assert total < 16_000_000

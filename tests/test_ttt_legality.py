@@ -227,6 +227,7 @@ def _rank_worker(rank, world_size, payload_path, out_dir):
             result = tg.eval_ttt(model, payload["tokens"], hp, rt, payload["luts"], time.perf_counter(), counts)
             results.append((result, counts))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still uses it (SIGABRT on a loaded machine)
     finally:
         dist.destroy_process_group()
 

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import train_gpt_human as tg  # noqa: E402
 
-VARIANTS = {  # name -> settings over the run's own
+VARIANTS = {  # name -> quantization settings (the others are the run's own)
     "mixed (today)": {},
     "mixed + lqer": {"lqer_rank": 4},
     "sdclip int5": {"quant_mode": "sdclip", "matrix_bits": 5},
@@ -56,6 +56,7 @@ def main():
     ap.add_argument("snapshot")
     ap.add_argument("--budget-per-param", type=float, default=16_000_000 / 30_656_624)
     ap.add_argument("--val-tokens", type=int, default=131073)
+    ap.add_argument("--variants", help="comma-separated names from VARIANTS (default: all)")
     ap.add_argument("--json")
     args = ap.parse_args()
     hp = tg.Hyperparameters.from_env()
@@ -77,8 +78,10 @@ def main():
         return prune(entries, costs, hp_, rt_, budget)
 
     tg.prune_to_fit = capture
-    for name, overrides in VARIANTS.items():
-        vhp = dataclasses.replace(hp, target_bytes=target, **overrides)
+    chosen = args.variants.split(",") if args.variants else list(VARIANTS)
+    for name, overrides in ((n, VARIANTS[n]) for n in chosen):
+        plain = {"quant_mode": "mixed", "matrix_bits": 6, "embed_bits": 0, "lqer_rank": 0}  # not the preset's
+        vhp = dataclasses.replace(hp, target_bytes=target, **{**plain, **overrides})
         log = f"/tmp/quant_report_{os.getpid()}.log"
         vrt = tg.Runtime(0, 1, torch.device("cpu"), log)
         t0 = time.perf_counter()
@@ -97,7 +100,7 @@ def main():
         if name == LAYOUT_VARIANT:
             entries = captured["entries"]
         print(f"{name:36s} {len(blob):9d} B  bpb {bpb:.5f}  tax {bpb - base_bpb:+.5f}  {seconds:6.1f}s  {lines}")
-    packing = layouts(entries)
+    packing = layouts(entries) if LAYOUT_VARIANT in chosen else {}
     for name, size in packing.items():
         print(f"layout {name:25s} {size:9d} B")
     if args.json:

@@ -9,7 +9,10 @@
 #                               GPU checks only
 #
 # Settings (environment): PRESET=seed|record (passed to the trainer; record defaults VARIANT to sp8192),
-# VARIANT=sp1024|sp8192 (data/tokenizer family, default sp1024),
+# VARIANT=sp1024|sp8192|sp8192_caseops (data/tokenizer family, default sp1024; sp8192_caseops is the
+# lossless-case export with its validation byte sidecar fineweb_val_bytes_*.bin),
+# DATA_CHECK (default 1: before training, `data/fineweb.py check` validates every shard and stops the run
+# if a validation document occurs in a training shard; 0 skips it), CHECK_MAX_LEAKED (default 0),
 # TRAIN_SHARDS (default 80), NPROC (default: number of visible GPUs), PYTHON (default python3),
 # TRAIN_SCRIPT (default train_gpt.py, else train_gpt_human.py), MIN_FREE_MB (default 2048),
 # FINEWEB_MIRROR (copy data from this local folder laid out like the HF repo instead of downloading).
@@ -90,13 +93,31 @@ export_default() {
     fi
 }
 
-# shard_count DIR SPLIT: number of fineweb_SPLIT_*.bin files in DIR.
+# shard_count DIR SPLIT: number of fineweb_SPLIT_NNNNNN.bin files in DIR (SPLIT train, val or val_bytes;
+# val does not count the byte sidecars fineweb_val_bytes_NNNNNN.bin).
 shard_count() {
     local files
     shopt -s nullglob
-    files=("$1"/fineweb_"$2"_*.bin)
+    files=("$1"/fineweb_"$2"_[0-9]*.bin)
     shopt -u nullglob
     echo "${#files[@]}"
+}
+
+# check_shards DIR [ARGS...]: shard validation + the validation/train leak guard (data/fineweb.py check).
+check_shards() {
+    local dir=$1
+    shift
+    if [[ ${DATA_CHECK:-1} == 0 ]]; then
+        warn "DATA_CHECK=0: not checking $dir for validation documents inside training shards"
+        return
+    fi
+    local max_leaked=${CHECK_MAX_LEAKED:-0}
+    is_uint "$max_leaked" || die "CHECK_MAX_LEAKED must be a non-negative integer, got '$max_leaked'"
+    info "checking $dir: shard headers, token ids, validation docs inside training shards"
+    "$PYTHON" data/fineweb.py check "$dir" --max-leaked "$max_leaked" "$@" ||
+        die "data check of $dir failed (see above): a validation document inside a training shard makes" \
+            "val_bpb meaningless; rebuild the data (python3 data/fineweb.py build, default --val-docs 50000)" \
+            "or download it again (DATA_CHECK=0 skips this check)"
 }
 
 # ---------------------------------------------------------------- CPU smoke run
@@ -129,6 +150,7 @@ smoke() {
     local data="$dir/datasets/fineweb10B_sp1024"
     "$PYTHON" data/fineweb.py build --docs "$docs" --tokenizer "$tok" --out "$data" \
         --val-docs "$val_docs" --max-docs "$max_docs" --shard-tokens 1000000
+    check_shards "$data" --vocab-size 1024 # a second or so on the smoke data
 
     export DATA_PATH=$data TOKENIZER_PATH=$tok VOCAB_SIZE=1024
     export_default RUN_ID "smoke_$TS"
@@ -217,31 +239,45 @@ EOF
 }
 
 check_data() {
-    local vocab
+    local vocab dataset tokenizer sidecar=0
     case $VARIANT in
-    sp1024) vocab=1024 ;;
-    sp8192) vocab=8192 ;;
-    *) die "VARIANT must be sp1024 or sp8192, got '$VARIANT'" ;;
+    sp1024) vocab=1024 dataset=fineweb10B_sp1024 tokenizer=fineweb_1024_bpe ;;
+    sp8192) vocab=8192 dataset=fineweb10B_sp8192 tokenizer=fineweb_8192_bpe ;;
+    sp8192_caseops)
+        vocab=8192 sidecar=1
+        dataset=fineweb10B_sp8192_lossless_caps_caseops_v1_reserved
+        tokenizer=fineweb_8192_bpe_lossless_caps_caseops_v1_reserved
+        ;;
+    *) die "VARIANT must be sp1024 or sp8192 (or sp8192_caseops), got '$VARIANT'" ;;
     esac
     is_uint "$TRAIN_SHARDS" || die "TRAIN_SHARDS must be a non-negative integer, got '$TRAIN_SHARDS'"
-    local default_data="./data/datasets/fineweb10B_$VARIANT"
-    local default_tok="./data/tokenizers/fineweb_${vocab}_bpe.model"
+    local default_data="./data/datasets/$dataset"
+    local default_tok="./data/tokenizers/$tokenizer.model"
     export_default DATA_PATH "$default_data"
     export_default TOKENIZER_PATH "$default_tok"
     export_default VOCAB_SIZE "$vocab"
+    local check_args=(--vocab-size "$VOCAB_SIZE")
+    ((sidecar == 0)) || check_args+=(--require-sidecar)
 
-    local n_train n_val want_train
+    local n_train n_val n_bytes want_train
     n_train=$(shard_count "$DATA_PATH" train)
     n_val=$(shard_count "$DATA_PATH" val)
+    n_bytes=$(shard_count "$DATA_PATH" val_bytes)
     want_train=$((TRAIN_SHARDS > 0 ? TRAIN_SHARDS : 1))
-    if ((n_val >= 1 && n_train >= want_train)) && [[ -f $TOKENIZER_PATH ]]; then
+    if ((n_val >= 1 && n_train >= want_train && (sidecar == 0 || n_bytes >= n_val))) &&
+        [[ -f $TOKENIZER_PATH ]]; then
         info "data: $n_train train + $n_val val shards in $DATA_PATH, tokenizer $TOKENIZER_PATH"
+        check_shards "$DATA_PATH" "${check_args[@]}"
         return
     fi
     if [[ $DATA_PATH != "$default_data" || $TOKENIZER_PATH != "$default_tok" ]]; then
         ((n_val >= 1 && n_train >= 1)) || die "no fineweb_train/val shards in DATA_PATH=$DATA_PATH"
+        ((sidecar == 0 || n_bytes >= n_val)) ||
+            die "VARIANT=$VARIANT needs the byte sidecar fineweb_val_bytes_*.bin beside the val shards in" \
+                "DATA_PATH=$DATA_PATH ($n_bytes for $n_val val shards)"
         [[ -f $TOKENIZER_PATH ]] || die "tokenizer not found: TOKENIZER_PATH=$TOKENIZER_PATH"
         info "data: $n_train train + $n_val val shards in $DATA_PATH (custom path, not downloading)"
+        check_shards "$DATA_PATH" "${check_args[@]}"
         return
     fi
 
@@ -255,9 +291,12 @@ check_data() {
         die "data download failed (python3 data/fineweb.py download --variant $VARIANT --train-shards $TRAIN_SHARDS)"
     n_train=$(shard_count "$DATA_PATH" train)
     n_val=$(shard_count "$DATA_PATH" val)
+    n_bytes=$(shard_count "$DATA_PATH" val_bytes)
     ((n_val >= 1 && n_train >= want_train)) || die "after download: $n_train train / $n_val val shards in $DATA_PATH"
+    ((sidecar == 0 || n_bytes >= n_val)) || die "after download: $n_bytes byte sidecar(s) for $n_val val shards in $DATA_PATH"
     [[ -f $TOKENIZER_PATH ]] || die "after download: tokenizer $TOKENIZER_PATH missing"
     info "data: $n_train train + $n_val val shards in $DATA_PATH, tokenizer $TOKENIZER_PATH"
+    check_shards "$DATA_PATH" "${check_args[@]}"
 }
 
 gpu_run() {

@@ -1,10 +1,10 @@
 """Parameter Golf submission: 11-layer Turbo-Muon GPT with EngramLite, parameter banks, mixed-precision
-GPTQ packing and score-first test-time training (LaCT).
+GPTQ packing and score-first test-time training (LaCT); PRESET=record is the accepted record's model class.
 
 Sections, in data-flow order: config -> data -> bpb accounting -> model -> optimizers -> training ->
 quantization/packing -> eval -> test-time training -> main().  Every setting is an environment variable
 (see README.md).  Runs as `python3 train_gpt_human.py` or under `torchrun`, on CPU (float32, gloo) or CUDA
-(bf16, torch.compile, FlashAttention-3 when importable, NCCL).
+(bf16, torch.compile, FlashAttention 3 or 4 when importable, else flex_attention / SDPA, NCCL).
 """
 import copy
 import dataclasses
@@ -13,6 +13,7 @@ import difflib
 import functools
 import glob
 import hashlib
+import itertools
 import lzma
 import math
 import os
@@ -28,15 +29,23 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 try:
     import brotli
 except ImportError:
     brotli = None
+FLASH = {}  # kernel name -> (causal attention, varlen attention) of the FlashAttention builds that import
 try:
-    from flash_attn_interface import flash_attn_func as flash_attn_3
-except ImportError:
-    flash_attn_3 = None
+    import flash_attn_interface as fa3  # FlashAttention-3 (Hopper): torch custom ops, so torch.compile traces them
+    FLASH["fa3"] = (fa3.flash_attn_func, fa3.flash_attn_varlen_func)
+except Exception:  # absent, or built for another CUDA: either way not usable here
+    pass
+try:
+    import flash_attn.cute as fa4  # flash-attn-4 (Hopper, Blackwell): plain autograd functions, kept out of the graph
+    FLASH["fa4"] = tuple(torch.compiler.disable(f) for f in (fa4.flash_attn_func, fa4.flash_attn_varlen_func))
+except Exception:
+    pass
 
 # ----------------------------------------------------------------------------------------------------
 # Config
@@ -68,6 +77,7 @@ class Hyperparameters:
     mlp_mult: float = 3.5
     rope_dims: int = 16
     rope_base: float = 10000.0
+    rope_ntk_len: int = 1024  # rows longer than this scale the RoPE base NTK-style (#1089's rule); 0 = never
     logit_softcap: float = 30.0
     qk_gain_init: float = 4.0
     xsa_last_n: int = 11
@@ -85,6 +95,8 @@ class Hyperparameters:
     smear: str = "blend"  # blend: x <- x + sigmoid(g)(x_prev - x); gated: x += l*sigmoid(w.x[:12]) x_prev, not at BOS
     attn_gate: int = 0  # per-head sparse output gate sigmoid(0.5 W_h x[:12]) after attention
     doc_isolation: int = 0  # attention stays within documents (BOS boundaries), in training and eval
+    attn_kernel: str = ""  # "" = fa3, else fa4 on CUDA when importable, else flex (documents) / sdpa (causal)
+    attn_out_init: str = "mimetic"  # mimetic: O = -0.05 V per head (#1089); zero (the record)
     # training
     train_seq_len: int = 2048
     eval_seq_len: int = 2048
@@ -203,7 +215,7 @@ class Hyperparameters:
         for name in ["iterations", "warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
                      "gptq_calib_batches", "ttt_epochs", "ttt_freeze_blocks", "grad_accum_steps", "val_max_tokens",
                      "engram_buckets", "ve_dim", "num_loops", "swa_every", "lqer_rank", "lqer_top_k", "ttt_prefix_docs",
-                     "ttt_phases"]:
+                     "ttt_phases", "rope_ntk_len"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
         head_dim = self.model_dim // self.num_heads
@@ -225,7 +237,8 @@ class Hyperparameters:
         for name, allowed in (("ttt_optimizer", ("muon", "sgd")), ("smear", ("blend", "gated")),
                               ("muon_variant", ("turbo", "eqr")), ("quant_mode", ("mixed", "sdclip")),
                               ("ttt_mode", ("chunk", "phased")), ("ttt_lora_optimizer", ("adamw", "muon")),
-                              ("ttt_global_optimizer", ("sgd", "muon"))):
+                              ("ttt_global_optimizer", ("sgd", "muon")), ("attn_out_init", ("mimetic", "zero")),
+                              ("attn_kernel", ("", "fa3", "fa4", "flex", "sdpa"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name.upper()} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
@@ -271,10 +284,11 @@ PRESETS = {
     "record": dict(
         data_path="./data/datasets/fineweb10B_sp8192", tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
         vocab_size=8192, mlp_mult=4.0, leaky_slope=0.5, qk_gain_init=5.0, engram_buckets=0, ve_dim=0, num_loops=2,
-        parallel_start=8, smear="gated", attn_gate=1, doc_isolation=1, muon_variant="eqr", muon_backend_steps=5,
-        muon_momentum=0.97, matrix_lr=0.026, muon_wd=0.095, embed_beta1=0.9, adam_beta2=0.99, tied_embed_lr=0.03,
-        embed_wd=0.085, scalar_lr=0.02, adam_wd=0.02, warmdown_frac=0.85, lr_floor=0.10, ema_decay=0.9965,
-        swa_every=0, qat_threshold=0.0, gptq_reserve_ms=8000.0, quant_mode="sdclip", embed_bits=7,
+        parallel_start=8, smear="gated", attn_gate=1, doc_isolation=1, rope_ntk_len=0, attn_out_init="zero",
+        muon_variant="eqr", muon_backend_steps=5, muon_momentum=0.97, matrix_lr=0.026, muon_wd=0.095, embed_beta1=0.9,
+        adam_beta2=0.99, tied_embed_lr=0.03, embed_wd=0.085, scalar_lr=0.02, adam_wd=0.02, warmdown_frac=0.85,
+        lr_floor=0.10, ema_decay=0.9965, swa_every=0, qat_threshold=0.0, gptq_reserve_ms=8000.0, gptq_calib_batches=16,
+        quant_mode="sdclip", embed_bits=7,
         ttt_mode="phased"),
 }
 
@@ -324,7 +338,7 @@ def load_shard(path, vocab_size):
 
 
 def shard_files(data_path, split):
-    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_[0-9]*.bin")))  # not the byte sidecar
     if not files:
         raise ConfigError(f"no {split} shards match {data_path}/fineweb_{split}_*.bin; set DATA_PATH or run "
                           f"`python3 data/fineweb.py download`")
@@ -352,16 +366,46 @@ class TokenStream:
 
 class DistributedTokenLoader:
     """Every rank reads the same stream and keeps its own slice of each micro-batch, so a run on W ranks with
-    A accumulation steps sees exactly the tokens of a run on 1 rank with W*A steps."""
+    A accumulation steps sees exactly the tokens of a run on 1 rank with W*A steps.  With DOC_ISOLATION the slice
+    is one packed stream (the record's packing), else rows of TRAIN_SEQ_LEN."""
 
-    def __init__(self, files, vocab_size, rank, world_size, device):
-        self.stream, self.rank, self.world_size, self.device = TokenStream(files, vocab_size), rank, world_size, device
+    def __init__(self, files, hp, rank, world_size, device):
+        self.stream, self.hp, self.rank, self.world_size = TokenStream(files, hp.vocab_size), hp, rank, world_size
+        self.device = device
 
-    def next_batch(self, global_tokens, seq_len, grad_accum_steps):
-        span = global_tokens // (self.world_size * grad_accum_steps) + 1
+    def next_batch(self, grad_accum_steps):
+        hp = self.hp
+        span = hp.train_batch_tokens // (self.world_size * grad_accum_steps) + 1
         chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
-        chunk = chunk.to(self.device, non_blocking=True).long()
-        return chunk[:-1].reshape(-1, seq_len), chunk[1:].reshape(-1, seq_len)
+        shape = (1, -1) if hp.doc_isolation else (-1, hp.train_seq_len)
+        return device_batch(chunk[:-1].view(shape), chunk[1:].view(shape), self.device,
+                            hp.train_seq_len * hp.doc_isolation)
+
+
+def doc_segments(ids, max_len):
+    """Attention segments of a batch of token ids (B, T), on the host: a segment starts at every row start, at every
+    BOS and every `max_len` tokens from its document's start (the record's cut rule).  Returns (segment id of each
+    token (B, T), numbered in row-major order; cu_seqlens of the flattened batch, padded with B*T to a multiple of
+    64 so that few shapes occur)."""
+    B, T = ids.shape
+    col = torch.arange(T).expand(B, T)
+    origin = torch.where((ids == BOS_ID) | (col == 0), col, 0).cummax(dim=1).values  # where each document starts
+    starts = ((col - origin) % max_len == 0).flatten()
+    bounds = starts.nonzero().flatten()
+    cu = torch.full((-(-(len(bounds) + 1) // 64) * 64,), B * T, dtype=torch.int32)
+    cu[:len(bounds)] = bounds
+    return (starts.cumsum(0) - 1).view(B, T).int(), cu
+
+
+def device_batch(x, y, device, max_len=0):
+    """(inputs, targets, docs) on the device from host token ids; docs (None unless max_len, the longest segment) is
+    what the attention kernel takes: (cu_seqlens, max_len) for FlashAttention varlen, else a flex BlockMask."""
+    segments = doc_segments(x, max_len) if max_len else None
+    x, y = (t.to(device, non_blocking=True).long() for t in (x, y))  # int32 on the wire, int64 on the device
+    if segments is None:
+        return x, y, None
+    seg, cu = (t.to(device, non_blocking=True) for t in segments)
+    return x, y, document_block_mask(seg) if ATTENTION["kernel"] == "flex" else (cu, max_len)
 
 
 def load_val_tokens(hp):
@@ -430,26 +474,24 @@ def leaky_slopes(num_layers):
     return np.interp(xs, np.arange(len(SEED_SLOPES)), SEED_SLOPES).tolist()
 
 
-def soft_round(x, alpha):
-    """Differentiable rounding (Agustsson & Theis): alpha->0 is identity-like, alpha->inf is round()."""
-    floor = torch.floor(x)
-    return floor + 0.5 + torch.tanh(alpha * (x - floor - 0.5)) / (2 * torch.tanh(alpha / 2))
+def fake_quantized(w):
+    """Late QAT (#1089's): while it is on and gradients flow, a matrix is seen on its export grid, per-row step
+    max(0.9995 row-max / qmax, 1 / qmax), codes soft-rounded as floor + sigmoid(alpha (frac - 1/2))."""
+    if not (BankLinear.qat_enabled and torch.is_grad_enabled()):
+        return w
+    qmax = 2 ** (BankLinear.qat_bits - 1) - 1
+    scale = (0.9995 * w.detach().abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(1 / qmax)
+    scaled = (w / scale).clamp(-qmax - 1, qmax)
+    floor = scaled.detach().floor()
+    return (floor + torch.sigmoid(BankLinear.qat_alpha * (scaled - floor - 0.5))) * scale
 
 
-def fake_quantize(w, bits, alpha):
-    """Late-QAT view of a weight on the export grid: per-row symmetric scale, soft-rounded codes."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = (w.detach().abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(1e-8)
-    return soft_round(w / scale, alpha).clamp(-qmax, qmax) * scale
-
-
-PROJECTIONS = ("q", "k", "v", "o", "up", "down")  # a block's bank matrices, in the order TTT's adapters use
+PROJECTIONS = ("q", "k", "v", "o", "up", "down")  # a block's bank matrices
 
 
 class BankLinear(nn.Module):
     """x @ W.T for a weight that lives in a parameter bank.  A module of its own so that Hessian collection
-    can hook its inputs, and late QAT can swap in the fake-quantized weight.  `lora(name, x)`, when given, adds
-    TTT's per-document low-rank delta."""
+    can hook its inputs, and late QAT can swap in the fake-quantized weight."""
 
     qat_enabled = False  # class-wide switch (one recompile); the sharpness is a tensor so it can change freely
     qat_alpha = torch.ones(())
@@ -459,11 +501,8 @@ class BankLinear(nn.Module):
         super().__init__()
         self.name = name
 
-    def forward(self, x, weight, lora=None):
-        if BankLinear.qat_enabled and self.training:
-            weight = fake_quantize(weight, BankLinear.qat_bits, BankLinear.qat_alpha)
-        y = F.linear(x, weight.to(x.dtype))
-        return y if lora is None else y + lora(self.name, x)
+    def forward(self, x, weight):
+        return F.linear(x, fake_quantized(weight).to(x.dtype))
 
 
 def rms_norm(x):
@@ -471,42 +510,117 @@ def rms_norm(x):
 
 
 class Rotary(nn.Module):
-    """Partial RoPE: rotates the first `dims` channels of each head, leaves the rest position-free."""
+    """Partial RoPE: rotates the first `dims` channels of each head, leaves the rest position-free.  Rows longer than
+    ntk_len (when set) raise the base NTK-style, base * (T / ntk_len) ** (dims / (dims - 2)), as #1089 does."""
 
-    def __init__(self, dims, base):
+    def __init__(self, dims, base, ntk_len):
         super().__init__()
-        self.dims = dims
-        inv_freq = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dims, self.base, self.ntk_len = dims, base, ntk_len
 
-    def forward(self, x):  # x: (B, T, H, D)
-        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq)
+    def forward(self, x):  # x: (B, T, H, D); positions count along the row (relative, so packing changes nothing)
+        T, base = x.size(1), self.base
+        if self.ntk_len and T > self.ntk_len:
+            base *= (T / self.ntk_len) ** (self.dims / (self.dims - 2))
+        inv_freq = 1.0 / base ** (torch.arange(0, self.dims, 2, device=x.device, dtype=torch.float32) / self.dims)
+        freqs = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
         cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
         rot, rest = x[..., :self.dims], x[..., self.dims:]
         a, b = rot[..., : self.dims // 2], rot[..., self.dims // 2:]
         return torch.cat([a * cos - b * sin, a * sin + b * cos, rest], dim=-1)
 
 
-def attention(q, k, v, doc_mask=None):
-    """Causal GQA attention on (B, T, H, D) tensors: FlashAttention-3 on CUDA when importable, else SDPA.  With
-    doc_mask (B, 1, T, T; True = may attend) attention also stays inside each document (SDPA, masked)."""
-    if flash_attn_3 is not None and q.is_cuda and doc_mask is None:
-        out = flash_attn_3(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=doc_mask,
-                                       is_causal=doc_mask is None, enable_gqa=q.size(2) != k.size(2))
-    return y.transpose(1, 2)
+ATTENTION = {"kernel": "sdpa", "flex": flex_attention}  # chosen once per run by select_attention()
 
 
-def document_mask(ids):
-    """Block-diagonal causal mask: a position sees earlier positions of its own document (documents start at BOS;
-    a row's first document may have started before the row)."""
-    doc = (ids == BOS_ID).cumsum(dim=1)
-    return (doc[:, :, None] == doc[:, None, :]).tril().unsqueeze(1)
+def select_attention(hp, device):
+    """ATTN_KERNEL, or the best that runs: on CUDA FlashAttention-3, else flash-attn-4, else flex_attention for
+    documents (SDPA for plain causal attention); on CPU SDPA, per segment for documents.  On CUDA, flex is compiled
+    (eager flex would materialise the T x T scores) and SDPA may not fall back to its MATH kernel (fp32 T x T): a
+    kernel that cannot run fails here, at startup, with the fix, instead of running out of memory later."""
+    cuda = device.type == "cuda"
+    kernel = hp.attn_kernel or next((k for k in FLASH if cuda), "flex" if cuda and hp.doc_isolation else "sdpa")
+    if kernel in ("fa3", "fa4", "flex") and not cuda:
+        raise ConfigError(f"ATTN_KERNEL={kernel} needs CUDA (flex_attention has no backward on CPU); unset it")
+    if kernel in ("fa3", "fa4") and kernel not in FLASH:
+        raise ConfigError(f"ATTN_KERNEL={kernel}: {'flash_attn_interface' if kernel == 'fa3' else 'flash_attn.cute'} "
+                          f"does not import; install {'FlashAttention-3' if kernel == 'fa3' else 'flash-attn-4'} or "
+                          f"unset ATTN_KERNEL")
+    ATTENTION["kernel"] = kernel
+    if device.type == "cuda":
+        ATTENTION["flex"] = torch.compile(flex_attention, dynamic=False)
+        torch.backends.cuda.enable_math_sdp(False)
+        try:  # one tiny forward and backward at the model's head shape, in the training dtype
+            q = torch.randn(1, 256, hp.num_heads, hp.model_dim // hp.num_heads, device=device, dtype=torch.bfloat16,
+                            requires_grad=True)
+            kv = q[:, :, :hp.num_kv_heads]
+            ids = torch.ones(1, 256, dtype=torch.long)
+            attention(q, kv, kv, device_batch(ids, ids, device, 128 * hp.doc_isolation)[2]).sum().backward()
+        except Exception as e:
+            raise ConfigError(f"attention kernel {kernel} failed on {torch.cuda.get_device_name(device)}: {e}; try "
+                              f"ATTN_KERNEL=flex (documents) or sdpa, or install flash-attn-4") from None
+    return kernel
+
+
+def document_block_mask(seg, block=128):
+    """flex_attention's BlockMask for causal attention within segments, built from per-block segment ranges without
+    any T x T tensor: a key block is fully visible to a query block when both lie in one segment and the key block
+    comes first, partly visible when the key block's last segment reaches the query block's first (or on the
+    diagonal), else skipped.  seg: (B, T) segment ids, non-decreasing along each row."""
+    B, T = seg.shape
+    n = -(-T // block)
+    seg = F.pad(seg, (0, n * block - T), value=torch.iinfo(seg.dtype).max)  # padding: a segment of its own
+    lo, hi = seg.view(B, n, block).amin(-1), seg.view(B, n, block).amax(-1)
+    i = torch.arange(n, device=seg.device)
+    touch = (i[None, :] <= i[:, None]) & (hi[:, None, :] >= lo[:, :, None])  # [b, query block, key block]
+    full = (i[None, :] < i[:, None]) & (lo[:, None, :] == hi[:, :, None])
+    partial = touch & ~full
+
+    def listed(m):  # (count, indices first) per query block, the layout BlockMask takes
+        return m.sum(-1, dtype=torch.int32)[:, None], torch.argsort(m.int(), dim=-1, descending=True, stable=True
+                                                                    ).int()[:, None]
+
+    def same_segment(b, h, q, kv):
+        return (seg[b, q] == seg[b, kv]) & (q >= kv)
+
+    return BlockMask.from_kv_blocks(*listed(partial), *listed(full), BLOCK_SIZE=block, mask_mod=same_segment,
+                                    seq_lengths=(T, T))
+
+
+def sdpa_causal(q, k, v):
+    """PyTorch SDPA on (B, T, H, D); on CUDA with the KV heads repeated, so that its flash kernel applies."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q.is_cuda:
+        k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1)).transpose(1, 2)
+
+
+def sdpa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+    """FlashAttention's varlen call on SDPA, one segment at a time: the CPU kernel (flex has no backward on CPU)."""
+    bounds = cu_seqlens_q.tolist()
+    return torch.cat([sdpa_causal(q[None, a:b], k[None, a:b], v[None, a:b])[0]
+                      for a, b in zip(bounds, bounds[1:]) if b > a])
+
+
+def attention(q, k, v, docs=None):
+    """Causal GQA attention on (B, T, H, D) tensors; with docs (see device_batch) only within each segment."""
+    causal_fn, varlen_fn = FLASH.get(ATTENTION["kernel"], (None, sdpa_varlen))
+    if isinstance(docs, BlockMask):
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return ATTENTION["flex"](q, k, v, block_mask=docs, enable_gqa=True).transpose(1, 2)
+    if docs is None:
+        out = causal_fn(q, k, v, causal=True) if causal_fn else sdpa_causal(q, k, v)
+    else:
+        (cu, max_len), flat = docs, (t.flatten(0, 1) for t in (q, k, v))
+        out = varlen_fn(*flat, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
+                        causal=True)
+    return (out[0] if isinstance(out, tuple) else out).view_as(q)
 
 
 GATE_WINDOW = 12  # the gated smear and the sparse attention gate read the first 12 channels
+
+
+def adapted(lora, name, x):
+    return 0 if lora is None else lora(name, x)
 
 
 def previous_token(x):
@@ -520,29 +634,30 @@ class Block(nn.Module):
         self.layer, self.use_xsa, self.use_ve = layer, use_xsa, use_ve
         self.num_heads, self.num_kv_heads, self.head_dim = hp.num_heads, hp.num_kv_heads, dim // hp.num_heads
         self.q, self.k, self.v, self.o, self.up, self.down = (BankLinear(name) for name in PROJECTIONS)
-        self.rotary = Rotary(hp.rope_dims, hp.rope_base)
+        self.rotary = Rotary(hp.rope_dims, hp.rope_base, hp.rope_ntk_len)
         self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
-        self.resid_mix = nn.Parameter(torch.tensor([1.0, 0.0]))  # x <- a*x + b*x0
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))  # x <- a*x + b*x0, per channel
         self.ve_scale = nn.Parameter(torch.tensor(1.0)) if use_ve else None
         self.attn_gate = nn.Parameter(torch.zeros(hp.num_heads, GATE_WINDOW)) if hp.attn_gate else None
         self.ln_scale = 1.0 / math.sqrt(layer + 1)
         self.slope = hp.leaky_slope if hp.leaky_slope >= 0 else leaky_slopes(hp.num_layers)[layer]
 
-    def attn(self, x, banks, ve, doc_mask, lora=None):
-        """attn_scale * attention of the normed x (the branch alone, without the residual)."""
+    def attn(self, x, banks, ve, docs, lora=None):
+        """attn_scale * attention of the normed x (the branch alone, without the residual).  lora(name, h): TTT's
+        per-document deltas of q, k, v and of the branch output, all read from the normed input."""
         i, n = self.layer, len(banks["mlp_up"])
         h = rms_norm(x) * self.ln_scale
         B, T, _ = h.shape
-        q = self.q(h, banks["qo"][i], lora).view(B, T, self.num_heads, self.head_dim)
-        k = self.k(h, banks["kv"][i], lora).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v(h, banks["kv"][n + i], lora).view(B, T, self.num_kv_heads, self.head_dim)
+        q = (self.q(h, banks["qo"][i]) + adapted(lora, "q", h)).view(B, T, self.num_heads, self.head_dim)
+        k = (self.k(h, banks["kv"][i]) + adapted(lora, "k", h)).view(B, T, self.num_kv_heads, self.head_dim)
+        v = (self.v(h, banks["kv"][n + i]) + adapted(lora, "v", h)).view(B, T, self.num_kv_heads, self.head_dim)
         if self.use_ve:
             v = v + self.ve_scale.to(v.dtype) * ve.view_as(v)
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[:, None]
         k = self.rotary(rms_norm(k))
-        y = attention(q.to(v.dtype), k.to(v.dtype), v, doc_mask)  # autocast may leave the normed q, k in fp32
+        y = attention(q.to(v.dtype), k.to(v.dtype), v, docs)  # autocast may leave the normed q, k in fp32
         if self.use_xsa:  # exclusive self-attention: drop the component along the token's own value
             group = self.num_heads // self.num_kv_heads
             y = y.view(B, T, self.num_kv_heads, group, self.head_dim)
@@ -550,25 +665,25 @@ class Block(nn.Module):
             y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, self.num_heads, self.head_dim)
         if self.attn_gate is not None:  # sparse per-head output gate, 0.5 at init
             y = y * torch.sigmoid(0.5 * F.linear(h[..., :GATE_WINDOW], self.attn_gate.to(h.dtype)))[..., None]
-        return self.attn_scale.to(x.dtype) * self.o(y.reshape(B, T, -1), banks["qo"][n + i], lora)
+        return self.attn_scale.to(x.dtype) * (self.o(y.reshape(B, T, -1), banks["qo"][n + i]) + adapted(lora, "o", h))
 
     def mlp(self, x, banks, lora=None):
         h = rms_norm(x) * self.ln_scale
-        h = F.leaky_relu(self.up(h, banks["mlp_up"][self.layer], lora), self.slope).square()
-        return self.mlp_scale.to(x.dtype) * self.down(h, banks["mlp_down"][self.layer], lora)
+        u = F.leaky_relu(self.up(h, banks["mlp_up"][self.layer]), self.slope).square()
+        return self.mlp_scale.to(x.dtype) * (self.down(u, banks["mlp_down"][self.layer]) + adapted(lora, "mlp", h))
 
     def mix(self, x, x0):
-        return self.resid_mix[0] * x + self.resid_mix[1] * x0
+        return self.resid_mix[0].to(x.dtype) * x + self.resid_mix[1].to(x.dtype) * x0
 
-    def forward(self, x, x0, banks, ve, doc_mask, lora=None):
+    def forward(self, x, x0, banks, ve, docs, lora=None):
         x = self.mix(x, x0)
-        x = x + self.attn(x, banks, ve, doc_mask, lora)
+        x = x + self.attn(x, banks, ve, docs, lora)
         return x + self.mlp(x, banks, lora)
 
-    def forward_lanes(self, lanes, x0, banks, ve, doc_mask, post, resid, lora=None):
+    def forward_lanes(self, lanes, x0, banks, ve, docs, post, resid, lora=None):
         """Parallel residual lanes: attention reads lane 0 (mixed with x0), the MLP reads lane 1, both before this
         layer; each output reaches both lanes through learned scalars (post: 2 branches x 2 lanes)."""
-        a = self.attn(self.mix(lanes[0], x0), banks, ve, doc_mask, lora)
+        a = self.attn(self.mix(lanes[0], x0), banks, ve, docs, lora)
         m = self.mlp(lanes[1], banks, lora)
         return [resid[j].to(a.dtype) * lanes[j] + post[0, j].to(a.dtype) * a + post[1, j].to(a.dtype) * m
                 for j in range(2)]
@@ -604,7 +719,7 @@ class EngramLite(nn.Module):
 
     def forward(self, ids):
         e = self.table(self.bucket_ids(ids)).flatten(-2)
-        return torch.sigmoid(self.gate).to(e.dtype) * F.linear(e, self.proj.to(e.dtype))
+        return torch.sigmoid(self.gate).to(e.dtype) * F.linear(e, fake_quantized(self.proj).to(e.dtype))
 
 
 def layer_order(hp, looping):
@@ -658,16 +773,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_banks(self, hp):
-        """Orthogonal q, k, v, up; zero down; mimetic V-O: each head's output map is -0.05 x its value map^T."""
+        """Orthogonal q, k, v, up (and the VE projection); zero down; the attention output zero (the record) or
+        mimetic (#1089): the output rows of head h are -0.05 x the value rows of its KV head."""
         L, head_dim, group = hp.num_layers, hp.model_dim // hp.num_heads, hp.num_heads // hp.num_kv_heads
-        for bank in (self.qo[:L], self.kv, self.mlp_up):
-            for w in bank:
-                nn.init.orthogonal_(w)
-        for i in range(L):
-            v = self.kv[L + i]
+        for w in [*self.qo[:L], *self.kv, *self.mlp_up] + ([self.ve_proj] if hp.ve_dim else []):
+            nn.init.orthogonal_(w)
+        self.qo[L:].zero_()
+        for i in range(L if hp.attn_out_init == "mimetic" else 0):
             for h in range(hp.num_heads):
-                g = h // group
-                self.qo[L + i][:, h * head_dim:(h + 1) * head_dim] = -0.05 * v[g * head_dim:(g + 1) * head_dim].T
+                rows = slice(h * head_dim, (h + 1) * head_dim)
+                self.qo[L + i][rows] = -0.05 * self.kv[L + i][(h // group) * head_dim:(h // group + 1) * head_dim]
 
     def banks(self):
         return {"qo": self.qo, "kv": self.kv, "mlp_up": self.mlp_up, "mlp_down": self.mlp_down}
@@ -687,14 +802,14 @@ class GPT(nn.Module):
         x = rms_norm(x)
         return x + torch.sigmoid(self.smear_gate).to(x.dtype) * (previous_token(x) - x)  # causal blend
 
-    def forward(self, ids, targets, reduction="mean"):
+    def forward(self, ids, targets, reduction="mean", docs=None):
+        """Cross-entropy of `targets` given `ids` (B, T); docs: document-isolated attention (device_batch)."""
         x = x0 = self.embed(ids)
-        ve = 0.1 * F.linear(self.ve_table(ids), self.ve_proj.to(x.dtype)) if self.hp.ve_dim else None
-        doc_mask = document_mask(ids) if self.hp.doc_isolation else None
+        ve = 0.1 * F.linear(self.ve_table(ids), fake_quantized(self.ve_proj).to(x.dtype)) if self.hp.ve_dim else None
         banks, skips, lanes = self.banks(), [], None
         encoder, decoder = layer_order(self.hp, self.looping)
         for v, i in enumerate(encoder):
-            x = self.blocks[i](x, x0, banks, ve, doc_mask, self.adapters(v))
+            x = self.blocks[i](x, x0, banks, ve, docs, self.adapters(v))
             skips.append(x)
         for j, i in enumerate(decoder):
             lora = self.adapters(len(encoder) + j)
@@ -709,10 +824,9 @@ class GPT(nn.Module):
                     lanes[0] = torch.lerp(skip, lanes[0], gate)
             block = self.blocks[i]
             if lanes is None:
-                x = block(x, x0, banks, ve, doc_mask, lora)
+                x = block(x, x0, banks, ve, docs, lora)
             else:
-                lanes = block.forward_lanes(lanes, x0, banks, ve, doc_mask, self.lane_post[i], self.lane_resid[i],
-                                            lora)
+                lanes = block.forward_lanes(lanes, x0, banks, ve, docs, self.lane_post[i], self.lane_resid[i], lora)
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
         h = rms_norm(x)
@@ -919,6 +1033,7 @@ class Runtime:
     world_size: int
     device: torch.device
     log_path: str
+    verbose: bool = True
 
     @property
     def is_cuda(self):
@@ -928,7 +1043,7 @@ class Runtime:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.is_cuda else torch.autocast("cpu", enabled=False)
 
     def log(self, msg):
-        if self.rank == 0:
+        if self.rank == 0 and self.verbose:
             print(msg, flush=True)
             with open(self.log_path, "a") as f:
                 f.write(msg + "\n")
@@ -948,11 +1063,11 @@ def compile_enabled(hp, rt):
     return hp.compile > 0 or (hp.compile < 0 and rt.is_cuda)
 
 
-def maybe_compile(model, hp, rt):
+def maybe_compile(model, hp, rt, dynamic=False):
     if not compile_enabled(hp, rt):
         return model
     torch._dynamo.config.cache_size_limit = COMPILE_GRAPH_LIMIT
-    return torch.compile(model, dynamic=False)
+    return torch.compile(model, dynamic=dynamic)
 
 
 def log_compiled_graphs(hp, rt, phase):
@@ -992,9 +1107,9 @@ def grad_accum_steps(hp, world_size):
 def train_step(model, opt, loader, hp, rt, accum, scale):
     total = torch.zeros((), device=rt.device)
     for _ in range(accum):
-        x, y = loader.next_batch(hp.train_batch_tokens, hp.train_seq_len, accum)
+        x, y, docs = loader.next_batch(accum)
         with rt.autocast():
-            loss = model(x, y)
+            loss = model(x, y, docs=docs)
         (loss / accum).backward()
         total += loss.detach() / accum
     opt.step(scale)
@@ -1036,7 +1151,7 @@ def train(model, hp, rt, val_tokens, luts):
     files = shard_files(hp.data_path, "train")
     if hp.warmup_steps:  # compile/warm-up steps; the model and optimizer state are restored afterwards
         saved = copy.deepcopy(model.state_dict()), opt.state_dict()
-        loader = DistributedTokenLoader(files, hp.vocab_size, rt.rank, rt.world_size, rt.device)
+        loader = DistributedTokenLoader(files, hp, rt.rank, rt.world_size, rt.device)
         for i in range(hp.warmup_steps):  # the last one with late QAT on and the second half looped, so that
             BankLinear.qat_enabled = hp.qat_threshold > 0 and i == hp.warmup_steps - 1  # every graph compiles untimed
             model.looping = hp.num_loops > 0 and i >= hp.warmup_steps // 2
@@ -1044,7 +1159,7 @@ def train(model, hp, rt, val_tokens, luts):
         BankLinear.qat_enabled = False
         model.load_state_dict(saved[0])
         opt.load_state_dict(saved[1])
-    loader = DistributedTokenLoader(files, hp.vocab_size, rt.rank, rt.world_size, rt.device)
+    loader = DistributedTokenLoader(files, hp, rt.rank, rt.world_size, rt.device)
     model.looping = False
     averager = WeightAverager(model, hp)
     cap_ms = max(hp.max_wallclock_seconds * 1000 - hp.gptq_reserve_ms, 0) if hp.max_wallclock_seconds else 0
@@ -1139,29 +1254,31 @@ def set_late_qat(hp, rt, scale, step):
 # ----------------------------------------------------------------------------------------------------
 
 
-def make_windows(begin, end, seq_len, stride):
+def make_windows(begin, end, seq_len, stride, origin=0):
     """Windows (start, length, score_from) whose scored predictions tile [begin, end) exactly once.
-    Prediction i reads tokens[..i] and is scored against tokens[i + 1].  The first window of the stream
-    scores all of its positions; later ones score only their last `stride` positions, each with the
-    longest left context the window length allows."""
+    Prediction i reads tokens[origin..i] (the stream's, or a document's, start) and is scored against tokens[i + 1].
+    The first window from the origin scores all of its positions; later ones score only their last `stride`
+    positions, each with the longest left context the window length allows."""
     windows, covered = [], begin
     while covered < end:
-        stop = min(seq_len if covered == 0 else covered + stride, end)
-        start = max(stop - seq_len, 0)
+        stop = min(origin + seq_len if covered == origin else covered + stride, end)
+        start = max(stop - seq_len, origin)
         windows.append((start, stop - start, covered - start))
         covered = stop
     return windows
 
 
-def padded_batch(tokens, windows, rows, seq_len, device):
-    """(inputs+1 tokens, mask of the positions to score or train on) for windows (start, length, score_from),
+def padded_batch(tokens, windows, rows, seq_len, hp, device, isolate=True):
+    """(inputs, targets, docs, mask of the positions to score or train on) for windows (start, length, score_from),
     always `rows` x `seq_len`: a short window is right-padded with the tokens that follow it (causal attention
-    never lets a position see them), missing rows are masked out entirely.  One shape, so one compiled graph."""
+    never lets a position see them), missing rows are masked out entirely.  One shape, so one compiled graph.
+    Each row is its own attention context; with DOC_ISOLATION (and `isolate`) so is each document in it."""
     spans = torch.tensor(windows + [(0, 0, 0)] * (rows - len(windows)), dtype=torch.long).view(rows, 3)
     pos = torch.arange(seq_len + 1)
     seqs = tokens[(spans[:, :1] + pos).clamp(max=len(tokens) - 1)]
     mask = (pos[:-1] >= spans[:, 2:]) & (pos[:-1] < spans[:, 1:2])
-    return seqs.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+    x, y, docs = device_batch(seqs[:, :-1], seqs[:, 1:], device, seq_len * hp.doc_isolation * isolate)
+    return x, y, docs, mask.to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -1171,17 +1288,17 @@ def score_windows(model, tokens, windows, hp, rt, luts, counts=None):
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
     for i in range(0, len(windows), hp.eval_batch_seqs):
         batch = windows[i:i + hp.eval_batch_seqs]
-        seqs, mask = padded_batch(tokens, batch, hp.eval_batch_seqs, hp.eval_seq_len, rt.device)
+        x, y, docs, mask = padded_batch(tokens, batch, hp.eval_batch_seqs, hp.eval_seq_len, hp, rt.device)
         with rt.autocast():
-            nll = model(seqs[:, :-1], seqs[:, 1:], reduction="none").view(mask.shape).double()
-        add_scores(totals, nll, seqs, mask, batch, luts, counts)
+            nll = model(x, y, reduction="none", docs=docs).view(mask.shape).double()
+        add_scores(totals, nll, x, y, mask, batch, luts, counts)
     return totals
 
 
-def add_scores(totals, nll, seqs, mask, windows, luts, counts=None):
+def add_scores(totals, nll, x, y, mask, windows, luts, counts=None):
     """Adds the masked predictions' (NLL, count, bytes) to the float64 totals; `counts` (tests) counts per
     prediction how often it was scored."""
-    nbytes = token_bytes(luts, seqs[:, :-1], seqs[:, 1:]).double()
+    nbytes = token_bytes(luts, x, y).double()
     totals += torch.stack([(nll * mask).sum(), mask.sum().double(), (nbytes * mask).sum()])
     if counts is not None:
         for start, length, score_from in windows:
@@ -1237,9 +1354,10 @@ def bank_matrices(num_layers):
 
 
 @torch.no_grad()
-def collect_hessians(model, hp, rt):
-    """H = X^T X of every quantized matrix's input, over GPTQ_CALIB_BATCHES training batches (never
-    validation data), summed over ranks and averaged over tokens.  Hooks on the real model's BankLinears."""
+def collect_hessians(model, hp, rt, budget_ms=float("inf")):
+    """H = X^T X of every quantized matrix's input, over GPTQ_CALIB_BATCHES training micro-batches per rank (never
+    validation data), summed over ranks and averaged over tokens.  Hooks on the real model's BankLinears.  Stops
+    early, on rank 0's clock, before a batch would end past budget_ms (what is left of the training cap)."""
     hessians, handles = {}, []
 
     def hook(key):
@@ -1255,17 +1373,23 @@ def collect_hessians(model, hp, rt):
     handles.append(model.head.register_forward_hook(hook("head_in")))  # for GPTQ of the tied embedding
     accum = grad_accum_steps(hp, rt.world_size)
     files = shard_files(hp.data_path, "train")
-    loader = DistributedTokenLoader(files, hp.vocab_size, rt.rank, rt.world_size, rt.device)
+    loader = DistributedTokenLoader(files, hp, rt.rank, rt.world_size, rt.device)
     was_training = model.training
     model.eval()
-    for _ in range(hp.gptq_calib_batches):
-        x, y = loader.next_batch(hp.train_batch_tokens, hp.train_seq_len, accum)
+    t0, done = time.perf_counter(), 0
+    while done < hp.gptq_calib_batches:
+        x, y, docs = loader.next_batch(accum)
         with rt.autocast():
-            model(x, y)
+            model(x, y, docs=docs)
+        done += 1
+        elapsed = shared_elapsed_ms(rt, 0.0, t0)
+        if elapsed * (done + 1) / done > budget_ms and done < hp.gptq_calib_batches:
+            rt.log(f"gptq:hessians stopped at the training cap after {done}/{hp.gptq_calib_batches} batches")
+            break
     model.train(was_training)
     for h in handles:
         h.remove()
-    tokens = hp.gptq_calib_batches * hp.train_batch_tokens // accum
+    tokens = done * hp.train_batch_tokens // accum
     return {k: all_sum(rt, h) / tokens for k, h in sorted(hessians.items())}
 
 
@@ -1547,9 +1671,17 @@ def quantize_model(model, hessians, hp, rt, code_bytes):
             entries.append((name, KIND_FP16, 16, tuple(t.shape), None, t.half()))
         else:
             entries.append((name, KIND_INT, 8, tuple(t.shape), *quantize_rtn(t, 8)))
-    budget = hp.target_bytes - code_bytes - lqer_reserve(targets, hp)
+    budget, limit = hp.target_bytes - code_bytes - lqer_reserve(targets, hp), hp.target_bytes - code_bytes
     if hp.quant_mode == "sdclip":  # its estimate is good to ~0.1%: aim 0.2% under, so that nothing needs pruning
         bits, sigmas = sdclip_plan(targets, entries, hessians, hp, 0.998 * budget, rt)
+        args = gptq_all(targets, bits, sigmas, entries, hessians, hp, rt)
+        blob = prune_to_fit(*args, hp, rt, limit, prune=False)
+        if blob is not None:
+            return blob
+        # a miss: shrink the aim by the size actually measured, GPTQ once more; pruning is the last resort
+        shrink = limit / len(compress_bytes(serialize(args[0])))
+        rt.log(f"quant:sdclip missed the budget by {1 / shrink - 1:.2%}; sizing again")
+        bits, sigmas = sdclip_plan(targets, entries, hessians, hp, 0.998 * budget * shrink, rt)
     else:  # the allocation aims ALLOC_OVERSHOOT over the budget; pruning then lands under it
         budget *= 1 + hp.alloc_overshoot
         banks = [(W, key, group) for _, W, key, group in targets if group != "embed"]
@@ -1558,6 +1690,11 @@ def quantize_model(model, hessians, hp, rt, code_bytes):
         fixed += sum(code_entropy_bytes(quantize_rtn(W, hp.embed_bits)[0], hp.embed_bits) for W in embed)
         bits = allocate_bits(banks, hessians, hp, budget - fixed, rt) + [hp.embed_bits] * len(embed)
         sigmas = [0.0] * len(targets)
+    return prune_to_fit(*gptq_all(targets, bits, sigmas, entries, hessians, hp, rt), hp, rt, limit)
+
+
+def gptq_all(targets, bits, sigmas, entries, hessians, hp, rt):
+    """(every artifact entry, pruning cost of each GPTQ'd matrix's codes), LQER's factors included."""
     fallbacks, costs, quantized = 0, [], []
     for (name, W, key, _), b, k in zip(targets, bits, sigmas):
         H = hessians[key].to(W.device)
@@ -1572,14 +1709,15 @@ def quantize_model(model, hessians, hp, rt, code_bytes):
         rt.log(f"gptq:cholesky_failed matrices:{fallbacks} (fell back to rounding)")
     if hp.lqer_rank:
         entries = lqer_entries(targets, quantized, hp) + entries
-    return prune_to_fit(entries + quantized, costs, hp, rt, hp.target_bytes - code_bytes)
+    return entries + quantized, costs
 
 
-def prune_to_fit(entries, costs, hp, rt, budget):
+def prune_to_fit(entries, costs, hp, rt, budget, prune=True):
     """Selective pruning, the last resort: zero the fewest small codes (|q| <= PRUNE_MAX_ABS), cheapest added error
     first, so that the artifact fits.  The count is binary-searched on a fast compressor calibrated against the real
     one, aiming a little under the budget so that one confirming pass usually suffices: two full-quality passes in
-    the common case (one when nothing needs pruning), more only when heavy pruning drifts the proxy's ratio."""
+    the common case (one when nothing needs pruning), more only when heavy pruning drifts the proxy's ratio.
+    With prune=False: None when the unpruned artifact does not fit."""
     first = len(entries) - len(costs)
     flat = torch.cat([c.flatten() for c in costs])
     order = torch.argsort(torch.where(flat > 0, flat, torch.full_like(flat, float("inf"))))
@@ -1609,6 +1747,8 @@ def prune_to_fit(entries, costs, hp, rt, budget):
         return real
 
     real = measure(0)
+    if not prune and len(real) > budget:
+        return None
     over, fit = 0, ((0, real) if len(real) <= budget else None)  # over: most pruning known not to fit
     aim = budget - max(budget // 1000, 1024)
 
@@ -1692,9 +1832,9 @@ def adapt_on_chunk(model, opt, tokens, begin, end, epochs, lr_scale, hp, rt):
     for _ in range(epochs):
         for b in range(0, len(starts), per_batch):
             batch = [(s, min(s + L, end) - s, 0) for s in starts[b:b + per_batch]]
-            seqs, mask = padded_batch(tokens, batch[rt.rank::rt.world_size], rows, L, rt.device)
+            x, y, docs, mask = padded_batch(tokens, batch[rt.rank::rt.world_size], rows, L, hp, rt.device)
             with rt.autocast():
-                nll = model(seqs[:, :-1], seqs[:, 1:], reduction="none").float().view(mask.shape)
+                nll = model(x, y, reduction="none", docs=docs).float().view(mask.shape)
             # ranks average gradients, so scale each rank's sum to make the result the global mean
             ((nll * mask).sum() * rt.world_size / sum(n for _, n, _ in batch)).backward()
             if hp.ttt_freeze_blocks:
@@ -1795,39 +1935,41 @@ def eval_ttt(model, tokens, hp, rt, luts, eval_start, counts=None):
 # ----------------------------------------------------------------------------------------------------
 
 LORA_ALPHA = 144.0  # the record's: an adapter adds (alpha / rank) B A x, 1.8 at rank 80
+ADAPTED = ("q", "k", "v", "o", "mlp")  # the record's LoRA targets in each virtual layer (and the LM head)
 
 
 class LoRA(nn.Module):
-    """Per-document low-rank adapters.  A pair A (docs, rank, in), B (docs, out, rank) for each of PROJECTIONS of
-    every virtual layer (each pass of a looped layer has its own) and one for the LM head: row b of a batch gets
-    (alpha / rank) B[b] A[b] x, so each document has its own adapter.  reset() zeroes B (a fresh adapter is the base
-    model) and, unless warm_a, puts back A's initial draw, seeded and the same for every row."""
+    """Per-document low-rank adapters on the record's targets: q, k, v, the attention output and an MLP bypass of
+    every virtual layer (each pass of a looped layer has its own), all read from the block's normed input, and the
+    LM head.  Row b of a batch gets (alpha / rank) B[b] A[b] x, so each document has its own adapter; a batch of n
+    documents uses the first n rows.  A is drawn uniformly, independently per row, from `seed`; reset() zeroes B (a
+    fresh adapter is the base model) and, given a seed, draws A anew (else A stays warm: the record's default)."""
 
     def __init__(self, model, docs, rank, seed):
         super().__init__()
-        d, kv, hidden = model.hp.model_dim, model.kv.size(1), model.mlp_up.size(1)
-        dims = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "up": (d, hidden), "down": (hidden, d)}
+        d, kv, device = model.hp.model_dim, model.kv.size(1), model.kv.device
+        dims = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d)}
         n_virtual = sum(len(part) for part in layer_order(model.hp, model.looping))
-        pairs = [dims[name] for _ in range(n_virtual) for name in PROJECTIONS] + [(d, model.hp.vocab_size)]
-        g = torch.Generator().manual_seed(seed)
-        self.A0 = [(2 * torch.rand(rank, n_in, generator=g) - 1) / math.sqrt(n_in) for n_in, _ in pairs]
-        self.A = nn.ParameterList(a.expand(docs, -1, -1).clone() for a in self.A0)
-        self.B = nn.ParameterList(torch.zeros(docs, n_out, rank) for _, n_out in pairs)
+        pairs = [dims[name] for _ in range(n_virtual) for name in ADAPTED] + [(d, model.hp.vocab_size)]
+        self.A = nn.ParameterList(torch.empty(docs, rank, n_in, device=device) for n_in, _ in pairs)
+        self.B = nn.ParameterList(torch.zeros(docs, n_out, rank, device=device) for _, n_out in pairs)
         self.scale = LORA_ALPHA / rank
+        self.reset(seed)
 
     @torch.no_grad()
-    def reset(self, warm_a):
+    def reset(self, seed=None):
         for b in self.B:
             b.zero_()
-        for a, a0 in zip(self.A, self.A0):
-            if not warm_a:
-                a.copy_(a0.expand_as(a))
+        generator = None if seed is None else torch.Generator(self.B[0].device).manual_seed(seed)
+        for a in [] if seed is None else self.A:
+            a.copy_((2 * torch.rand(a.shape, generator=generator, device=a.device) - 1) / math.sqrt(a.size(-1)))
 
     def pair(self, i, x):
-        return self.scale * (x @ self.A[i].mT.to(x.dtype)) @ self.B[i].mT.to(x.dtype)
+        n = x.size(0)
+        return self.scale * (x @ self.A[i][:n].mT.to(x.dtype)) @ self.B[i][:n].mT.to(x.dtype)
 
     def delta(self, v, name, x):
-        return self.pair(v * len(PROJECTIONS) + PROJECTIONS.index(name), x)
+        return self.pair(v * len(ADAPTED) + ADAPTED.index(name), x)
 
 
 def lora_optimizer(lora, hp):
@@ -1845,30 +1987,42 @@ def split_documents(tokens):
     return list(zip(starts, starts[1:] + [P]))
 
 
-def score_doc_batch(model, lora, tokens, docs, hp, rt, luts, adapting, counts=None):
+def doc_steps(docs, hp):
+    """(rows, row length) of each step of a document batch: step s runs the documents that still have a chunk s, each
+    row as long as the longest window of the step (the record's: TTT_DOC_CHUNK (s + 1), at most EVAL_SEQ_LEN)."""
+    lengths = sorted((e - b for b, e in docs), reverse=True)
+    C = hp.ttt_doc_chunk
+    return [(sum(n > s * C for n in lengths), min(hp.eval_seq_len, (s + 1) * C)) for s in range(-(-lengths[0] // C))]
+
+
+def doc_batch_cost(docs, hp):
+    """Row-tokens of a document batch: what its time is proportional to, known before it runs."""
+    return sum(rows * length for rows, length in doc_steps(docs, hp))
+
+
+def score_doc_batch(model, lora, tokens, docs, hp, rt, luts, counts=None, seed=None):
     """Float64 (NLL, predictions, bytes) of a batch of documents (begin, end), each with its own adapter row.  Step s
     scores every document's chunk s (TTT_DOC_CHUNK predictions, with the document's own earlier tokens as context,
     up to EVAL_SEQ_LEN); then, from the same forward, one optimizer step trains each adapter on its document's chunk,
-    except on the document's last.  Rows are TTT_DOC_BATCH x a power of two, so only a few graphs compile."""
+    except on the document's last.  A row holds one document, so attention is plain causal (no document mask).
+    The adapters start with B = 0 and A warm, or drawn from `seed` when TTT_LORA_WARM_A=0."""
     C, S = hp.ttt_doc_chunk, hp.eval_seq_len
-    lora.reset(hp.ttt_lora_warm_a)
+    docs = sorted(docs, key=lambda d: d[0] - d[1])  # longest first: the documents still running are the first rows
+    lora.reset(None if hp.ttt_lora_warm_a else seed)
     opt = lora_optimizer(lora, hp)
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    for s in range(math.ceil(max(e - b for b, e in docs) / C)):
-        windows, last = [], torch.ones(hp.ttt_doc_batch, 1, dtype=torch.bool)
-        for r, (b, e) in enumerate(docs):
+    for s, (rows, length) in enumerate(doc_steps(docs, hp)):
+        windows, last = [], []
+        for b, e in docs[:rows]:
             lo, hi = b + s * C, min(b + (s + 1) * C, e)
-            start = max(b, hi - S)
-            windows.append((start, hi - start, lo - start) if lo < hi else (0, 0, 0))
-            last[r] = hi == e
-        longest = max(C, max(length for _, length, _ in windows))
-        seqs, mask = padded_batch(tokens, windows, hp.ttt_doc_batch, min(S, 1 << (longest - 1).bit_length()),
-                                  rt.device)
+            windows.append((max(b, hi - S), hi - max(b, hi - S), lo - max(b, hi - S)))
+            last.append(hi == e)
+        x, y, _, mask = padded_batch(tokens, windows, rows, length, hp, rt.device, isolate=False)
         with rt.autocast():
-            nll = model(seqs[:, :-1], seqs[:, 1:], reduction="none").float().view(mask.shape)
-        add_scores(totals, nll.detach().double(), seqs, mask, windows, luts, counts)
-        train = mask & ~last.to(rt.device)
-        if adapting and train.any():  # each document's mean over its chunk: its adapter's gradient is its own
+            nll = model(x, y, reduction="none").float().view(mask.shape)
+        add_scores(totals, nll.detach().double(), x, y, mask, windows, luts, counts)
+        if not all(last):  # each document's mean over its chunk: its adapter's gradient is its own
+            train = mask & ~torch.tensor(last, device=rt.device)[:, None]
             ((nll * train).sum(1) / train.sum(1).clamp_min(1)).sum().backward()
             opt.step()
             lora.zero_grad(set_to_none=True)
@@ -1878,74 +2032,124 @@ def score_doc_batch(model, lora, tokens, docs, hp, rt, luts, adapting, counts=No
 def global_phase(model, tokens, docs, hp, rt):
     """One pass of the base weights over already-scored documents, joined in stream order (so every prediction keeps
     its real target), TTT_CHUNK_TOKENS at a time, with TTT_GLOBAL_OPTIMIZER at TTT_GLOBAL_LR under a cosine over the
-    pass; each chunk's sequences are shared over the ranks as in adapt_on_chunk.  Returns seconds per chunk."""
+    pass; each chunk's sequences are shared over the ranks as in adapt_on_chunk."""
     docs = sorted(docs)
     stream = torch.cat([tokens[b:e] for b, e in docs] + [tokens[docs[-1][1]:docs[-1][1] + 1]])
     opt = build_ttt_optimizers(model, hp, rt.world_size, hp.ttt_global_optimizer, hp.ttt_global_lr)
     P, C = len(stream) - 1, hp.ttt_chunk_tokens
-    n, times = math.ceil(P / C), []
     model.train()
-    for k in range(n):
-        t0 = time.perf_counter()
-        adapt_on_chunk(model, opt, stream, k * C, min((k + 1) * C, P), 1, 0.5 * (1 + math.cos(math.pi * k / n)),
+    for k in range(math.ceil(P / C)):
+        adapt_on_chunk(model, opt, stream, k * C, min((k + 1) * C, P), 1, 0.5 * (1 + math.cos(math.pi * k * C / P)),
                        hp, rt)
-        times.append(time.perf_counter() - t0)
-    return times
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def deal(batches, costs, world_size):
+    """Longest first, each to the least-loaded rank (list scheduling on known costs): the balance of a work queue,
+    and every rank computes the same deal without talking to the others."""
+    loads, dealt = [0] * world_size, [[] for _ in range(world_size)]
+    for i in sorted(batches, key=lambda i: -costs[i]):
+        r = loads.index(min(loads))
+        dealt[r].append(i)
+        loads[r] += costs[i]
+    return dealt
+
+
+def phase_segments(queue, batches, costs, hp):
+    """The queue cut after the batches that bring the documents scored to each phase boundary (the first
+    TTT_PREFIX_DOCS in TTT_PHASES equal parts; a global phase follows each of these segments), and the rest cut in
+    GUARD_POINTS parts of equal cost (checkpoints for the budget guard).  Returns (segments, phases)."""
+    bounds = [hp.ttt_prefix_docs * (k + 1) // hp.ttt_phases for k in range(hp.ttt_phases)]
+    segments, done, phases = [[]], 0, 0
+    for n, i in enumerate(queue):
+        if not bounds:  # past the phases: the tail of the queue in parts of equal cost
+            left = queue[n:]
+            cuts = list(itertools.accumulate(costs[j] for j in left))
+            parts = [[j for j, c in zip(left, cuts) if k * cuts[-1] < GUARD_POINTS * c <= (k + 1) * cuts[-1]]
+                     for k in range(GUARD_POINTS)]
+            return [seg for seg in segments + parts if seg], phases
+        segments[-1].append(i)
+        done += len(batches[i])
+        if done >= bounds[0]:
+            segments.append([])
+            phases += 1
+            while bounds and done >= bounds[0]:
+                bounds.pop(0)
+    segments = [seg for seg in segments if seg]
+    return segments, min(phases, len(segments) - 1)  # no global phase after the last batch
+
+
+def phase_docs(segments, batches, k, hp):
+    """The documents of the global phase after segment k: the shortest TTT_PREFIX_DOCS (k + 1) / TTT_PHASES of
+    those scored by then (the record's choice)."""
+    scored = [d for segment in segments[:k + 1] for i in segment for d in batches[i]]
+    return sorted(scored, key=lambda d: (d[1] - d[0], d[0]))[:hp.ttt_prefix_docs * (k + 1) // hp.ttt_phases]
+
+
+GUARD_POINTS = 4  # checkpoints of the budget guard in the queue after the last phase
 
 
 def eval_ttt_phased(model, tokens, hp, rt, luts, eval_start, counts=None):
-    """TTT_MODE=phased.  Documents (split_documents) longest first: TTT_PHASES groups of the first TTT_PREFIX_DOCS,
-    then the rest; each group in batches of TTT_DOC_BATCH (score_doc_batch), dealt round-robin to the ranks; after
-    every group but the last all ranks take a global_phase on every document scored so far.  Returns (val_loss,
-    val_bpb, batches_adapted, n_batches).  All adaptation stops, scoring goes on, when the projected eval time
-    would pass EVAL_BUDGET_SECONDS."""
+    """TTT_MODE=phased.  Documents (split_documents) shortest first in batches of TTT_DOC_BATCH, queued longest batch
+    first and dealt to the ranks by cost (deal); after each of the first TTT_PHASES segments of the queue (each ending
+    at a multiple of TTT_PREFIX_DOCS / TTT_PHASES documents scored) all ranks take a global_phase on the shortest
+    that many of the scored documents, and fresh adapters.  Returns (val_loss, val_bpb, batches_adapted, n_batches).
+    The budget guard: at each segment, from rank 0's clock and the seconds per row-token measured so far (all ranks
+    together), every rank adapts the batches that fit EVAL_BUDGET_SECONDS; once one does not fit, the rest of the
+    queue is scored in one no-grad sliding-window pass over its documents, with the weights as they are."""
     base = getattr(model, "_orig_mod", model)  # under torch.compile the adapters go on the wrapped module
-    docs = sorted(split_documents(tokens), key=lambda d: (d[0] - d[1], d[0]))
-    prefix = min(hp.ttt_prefix_docs, len(docs)) if hp.ttt_phases else 0
-    cuts = [prefix * (i + 1) // hp.ttt_phases for i in range(hp.ttt_phases)] + [len(docs)]
-    groups = [docs[a:b] for a, b in zip([0] + cuts, cuts) if b > a]
-    scored_by = [sum(e - b for b, e in sum(groups[:g + 1], [])) for g in range(len(groups))]  # predictions
-    lora = LoRA(base, hp.ttt_doc_batch, hp.ttt_lora_rank, hp.seed).to(rt.device)
+    docs = sorted(split_documents(tokens), key=lambda d: (d[1] - d[0], d[0]))
+    batches = [docs[i:i + hp.ttt_doc_batch] for i in range(0, len(docs), hp.ttt_doc_batch)]
+    costs = [doc_batch_cost(batch, hp) for batch in batches]
+    segments, phases = phase_segments(sorted(range(len(batches)), key=lambda i: (-costs[i], -i)), batches, costs, hp)
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    rounds, global_times, adapting, adapted, n_batches, done = [], [], True, 0, 0, 0  # rounds: (seconds, predictions)
-    rt.log(f"ttt:start mode:phased docs:{len(docs)} groups:{[len(g) for g in groups]} doc_batch:{hp.ttt_doc_batch} "
-           f"doc_chunk:{hp.ttt_doc_chunk} lora:{hp.ttt_lora_optimizer} rank:{hp.ttt_lora_rank} lr:{hp.ttt_lora_lr} "
-           f"warm_a:{hp.ttt_lora_warm_a} global:{hp.ttt_global_optimizer} lr:{hp.ttt_global_lr}")
-
-    def within_budget(g):  # steady rates (the first round and chunk, which compile, left out) over the work left
-        rate = sum(t for t, _ in rounds[1:]) / max(sum(n for _, n in rounds[1:]), 1)
-        projected = (time.perf_counter() - eval_start + (scored_by[-1] - done) * rate
-                     + sum(scored_by[g:-1]) * steady_mean(global_times) / hp.ttt_chunk_tokens)
-        if over_budget(hp, rt, projected):
-            rt.log(f"ttt:budget stop adapting in group {g + 1}/{len(groups)} after {done} predictions "
-                   f"projected:{projected:.1f}s budget:{hp.eval_budget_seconds:.0f}s")
-            return False
-        return True
-
-    for g, group in enumerate(groups):
-        batches = [group[i:i + hp.ttt_doc_batch] for i in range(0, len(group), hp.ttt_doc_batch)]
-        for p in base.parameters():
-            p.requires_grad_(False)
+    measured = torch.zeros(4, dtype=torch.float64, device=rt.device)  # seconds, row-tokens: doc batches; global
+    rest, adapted, stopped = [], 0, False
+    rt.log(f"ttt:start mode:phased docs:{len(docs)} batches:{len(batches)} segments:{[len(g) for g in segments]} "
+           f"largest_batch_row_tokens:{max(costs)} row_tokens_per_prediction:{sum(costs) / (len(tokens) - 1):.2f} "
+           f"lora:{hp.ttt_lora_optimizer} rank:{hp.ttt_lora_rank} lr:{hp.ttt_lora_lr} warm_a:{hp.ttt_lora_warm_a} "
+           f"global:{hp.ttt_global_optimizer} lr:{hp.ttt_global_lr}")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    for g, segment in enumerate(segments):
+        dealt = deal(segment, costs, rt.world_size)
+        total = all_sum(rt, measured.clone())  # every rank is here: all decide from the same numbers
+        rate, global_rate = float(total[0] / total[1].clamp_min(1)), float(total[2] / total[3].clamp_min(1))
+        keeps = [0] * rt.world_size
+        if not stopped:
+            left = (hp.eval_budget_seconds - shared_elapsed_ms(rt, 0.0, eval_start) / 1000 - global_rate *
+                    sum(e - b for k in range(g, phases) for b, e in phase_docs(segments, batches, k, hp)))
+            keeps = [sum(c * rate <= left for c in itertools.accumulate(costs[i] for i in d)) for d in dealt]
+            if any(k < len(d) for k, d in zip(keeps, dealt)):
+                rt.log(f"ttt:budget segment {g + 1}/{len(segments)}: adapting {sum(keeps)}/{len(segment)} batches, "
+                       f"then no more; {left:.1f}s left at {1 / max(rate, 1e-12):.0f} row-tokens/s")
+        mine, rest = dealt[rt.rank][:keeps[rt.rank]], rest + dealt[rt.rank][keeps[rt.rank]:]
+        stopped = stopped or any(k < len(d) for k, d in zip(keeps, dealt))
+        if g <= phases:  # fresh adapters, with a fresh A, at the start and after every global phase
+            lora = LoRA(base, hp.ttt_doc_batch, hp.ttt_lora_rank, hp.seed + g)
         base.lora = lora
         model.train()
-        for r in range(0, len(batches), rt.world_size):
-            here = batches[r:r + rt.world_size]
-            adapting = adapting and within_budget(g)
-            t0 = time.perf_counter()
-            if rt.rank < len(here):
-                totals += score_doc_batch(model, lora, tokens, here[rt.rank], hp, rt, luts, adapting, counts)
-            rounds.append((time.perf_counter() - t0, sum(e - b for batch in here for b, e in batch)))
-            done, adapted, n_batches = done + rounds[-1][1], adapted + len(here) * adapting, n_batches + len(here)
+        t0 = time.perf_counter()
+        for i in mine:  # A's draws are seeded by batch, so that the deal to ranks changes nothing without the warm A
+            totals += score_doc_batch(model, lora, tokens, batches[i], hp, rt, luts, counts, hp.seed + 1000 * (i + 1))
+        measured[:2] += torch.tensor([time.perf_counter() - t0, sum(costs[i] for i in mine)], device=rt.device)
+        adapted += len(mine)
         base.lora = None
-        adapting = adapting and (g == len(groups) - 1 or within_budget(g))
-        if adapting and g < len(groups) - 1:
-            global_times += global_phase(model, tokens, sum(groups[:g + 1], []), hp, rt)
-        rt.log(f"ttt:group {g + 1}/{len(groups)} docs:{len(group)} batches:{len(batches)} adapting:{int(adapting)} "
+        phase = phase_docs(segments, batches, g, hp) if g < phases and not stopped else []
+        if phase:
+            t0 = time.perf_counter()
+            global_phase(model, tokens, phase, hp, rt)
+            measured[2:] += torch.tensor([time.perf_counter() - t0, sum(e - b for b, e in phase)], device=rt.device)
+        rt.log(f"ttt:segment {g + 1}/{len(segments)} batches:{len(segment)} adapted_here:{len(mine)} "
                f"time:{time.perf_counter() - eval_start:.1f}s")
+    model.eval()
+    windows = [w for i in rest for b, e in batches[i] for w in make_windows(b, e, hp.eval_seq_len, hp.eval_stride, b)]
+    totals += score_windows(model, tokens, windows, hp, rt, luts, counts)  # the no-grad tail, if any
     for p in base.parameters():
         p.requires_grad_(True)
-    model.eval()
-    return (*loss_and_bpb(all_sum(rt, totals)), adapted, n_batches)
+    return (*loss_and_bpb(all_sum(rt, totals)), int(all_sum(rt, torch.tensor(adapted, device=rt.device))),
+            len(batches))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1989,7 +2193,7 @@ def log_header(hp, rt):
     source = open(os.path.abspath(sys.argv[0] or __file__), "rb").read()
     rt.log(f"seed:{hp.seed}")
     rt.log(f"code_sha256:{hashlib.sha256(source).hexdigest()[:16]} python:{sys.version.split()[0]} "
-           f"torch:{torch.__version__} flash_attn_3:{flash_attn_3 is not None} brotli:{brotli is not None}")
+           f"torch:{torch.__version__} brotli:{brotli is not None}")
     rt.log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(hp).items()))
 
 
@@ -1997,6 +2201,8 @@ def main():
     hp = Hyperparameters.from_env()
     rt = setup_runtime(hp)
     log_header(hp, rt)
+    rt.log(f"attention:{select_attention(hp, rt.device)} doc_isolation:{hp.doc_isolation} "
+           f"flash_builds:{','.join(FLASH) or 'none'}")
     torch.manual_seed(hp.seed)
     np.random.seed(hp.seed)
     luts = build_byte_luts(load_tokenizer(hp), hp.vocab_size)
@@ -2012,7 +2218,8 @@ def main():
     else:
         train_ms = train(model, hp, rt, val_tokens, luts)
         t0 = time.perf_counter()
-        hessians = collect_hessians(model, hp, rt)
+        cap_ms = hp.max_wallclock_seconds * 1000 or float("inf")
+        hessians = collect_hessians(model, hp, rt, cap_ms - train_ms)
         hessian_ms = 1000 * (time.perf_counter() - t0)
         rt.log(f"gptq:hessians batches:{hp.gptq_calib_batches} time:{hessian_ms:.0f}ms "
                f"reserve:{hp.gptq_reserve_ms:.0f}ms "
@@ -2049,14 +2256,21 @@ def main():
 
 
 def run_eval_phase(artifact_path, val_tokens, hp, rt, luts):
-    """Everything a grader times: decode the artifact into a fresh model, then roundtrip, sliding and TTT evals.
-    It is given only the artifact and the validation tokens."""
-    eval_start = time.perf_counter()
+    """The eval phase, given only the artifact and the validation tokens: decode it into a fresh model, the roundtrip
+    diagnostic and TTT's compile warm-up (on random tokens), then the timed evals: sliding and TTT."""
+    t0 = time.perf_counter()
     with open(artifact_path, "rb") as f:
         model = load_artifact(f.read(), hp, rt.device)
     scorer = maybe_compile(model, hp, rt)
     loss, bpb = eval_full(scorer, val_tokens, hp, rt, luts)
-    rt.log(f"final_int6_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    rt.log(f"final_int6_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
+           f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    ttt_model = maybe_compile(model, hp, rt, dynamic=True) if hp.ttt_mode == "phased" else scorer
+    if hp.ttt_enabled:
+        t0 = time.perf_counter()
+        warm_up_ttt(ttt_model, hp, rt, luts)
+        rt.log(f"ttt:warmup compile on random tokens, untimed: {time.perf_counter() - t0:.1f}s")
+    eval_start = time.perf_counter()
     if hp.eval_int6_sliding > 0 or (hp.eval_int6_sliding < 0 and not hp.ttt_enabled):
         t0 = time.perf_counter()
         loss, bpb = eval_sliding(scorer, val_tokens, hp, rt, luts)
@@ -2064,12 +2278,28 @@ def run_eval_phase(artifact_path, val_tokens, hp, rt, luts):
                f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
     if hp.ttt_enabled:
         t0 = time.perf_counter()
-        loss, bpb, adapted, n_chunks = eval_ttt(scorer, val_tokens, hp, rt, luts, eval_start)
+        loss, bpb, adapted, n_chunks = eval_ttt(ttt_model, val_tokens, hp, rt, luts, eval_start)
         rt.log(f"final_int6_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
                f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms "
                f"{'batches' if hp.ttt_mode == 'phased' else 'chunks'}_adapted:{adapted}/{n_chunks}")
     log_compiled_graphs(hp, rt, "eval")
-    rt.log(f"eval_phase_time:{time.perf_counter() - eval_start:.1f}s")
+    rt.log(f"eval_phase_time:{time.perf_counter() - eval_start:.1f}s (timed: sliding and TTT)")
+
+
+def warm_up_ttt(model, hp, rt, luts):
+    """Runs TTT once on random tokens (never validation data), two documents of EVAL_SEQ_LEN + TTT_DOC_CHUNK tokens
+    in two phased batches and a global phase (or two chunks), so that every TTT graph compiles before the eval clock
+    starts, as the record does; the weights are put back afterwards."""
+    base = getattr(model, "_orig_mod", model)
+    saved = copy.deepcopy(base.state_dict())
+    n = hp.eval_seq_len + hp.ttt_doc_chunk
+    tokens = torch.randint(2, hp.vocab_size, (max(2 * n, hp.ttt_chunk_tokens + 1) + 1,),
+                           generator=torch.Generator().manual_seed(hp.seed))
+    tokens[0] = tokens[n] = BOS_ID
+    eval_ttt(model, tokens, dataclasses.replace(hp, ttt_doc_batch=1, ttt_prefix_docs=1, ttt_phases=1,
+                                                eval_budget_seconds=float("inf")),
+             dataclasses.replace(rt, verbose=False), luts, time.perf_counter())
+    base.load_state_dict(saved)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ Subcommands
 download   fetch the challenge's pre-tokenized shards + tokenizer from Hugging Face into
            data/datasets/fineweb10B_<variant>/ and data/tokenizers/
 build      tokenize a docs.jsonl[.xz] file with a SentencePiece model into shards
+           (--caseops: apply the lossless_caps_caseops_v1 transform first and write the
+           validation byte sidecar fineweb_val_bytes_NNNNNN.bin)
+check      validate a shard folder (headers, sizes, token ids, byte sidecar) and verify that
+           no validation document also occurs in a training shard (the leak guard)
 pydoc-corpus
            write a small offline docs.jsonl made of the installed Python's stdlib pydoc text
 train-tokenizer
@@ -14,10 +18,16 @@ train-tokenizer
 Shard format (the challenge's): 256 little-endian int32 header words
 (magic 20240520, version 1, token count, then zeros) followed by the tokens as uint16.
 Every document starts with the tokenizer's BOS id (1 for the challenge tokenizers); no EOS.
+CaseOps exports add, per validation shard fineweb_val_NNNNNN.bin, a sidecar
+fineweb_val_bytes_NNNNNN.bin with the same header and one uint16 per validation token: the
+number of UTF-8 bytes of the ORIGINAL (untransformed) text that the token stands for (0 for
+BOS and for the case-operator tokens).  val_bpb = total nats / ln 2 / sum of the sidecar.
 
-Library use (tests, trainer tests): ``write_shard``, ``read_shard``, ``build_shards``,
-``download``, ``iter_docs``, ``pydoc_docs``, ``train_tokenizer``.  Input problems raise
-``DataError`` (a ``ValueError`` subclass) whose message names the offending file.
+Library use (tests, trainer tests): ``write_shard``, ``read_shard``, ``list_shards``,
+``build_shards``, ``download``, ``check_data``, ``iter_docs``, ``pydoc_docs``, ``train_tokenizer``;
+CaseOps: ``caseops_encode``, ``caseops_decode``, ``caseops_tokenize``,
+``caseops_original_byte_counts``.  Input problems raise ``DataError`` (a ``ValueError``
+subclass) whose message names the offending file.
 """
 
 from __future__ import annotations
@@ -28,8 +38,10 @@ import json
 import lzma
 import gzip
 import os
+import re
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -57,7 +69,15 @@ VARIANTS = {
                "vocab": 1024, "repo_id": "willdepueoai/parameter-golf"},
     "sp8192": {"dataset": "fineweb10B_sp8192", "tokenizer": "fineweb_8192_bpe",
                "vocab": 8192, "repo_id": "kevclark/parameter-golf"},
+    # CaseOps (lossless_caps_caseops_v1) export of PR #1729, same layout plus the validation byte sidecar.
+    "sp8192_caseops": {"dataset": "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+                       "tokenizer": "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved",
+                       "vocab": 8192, "repo_id": "romeerp/parameter-golf-caseops-v1", "val_bytes": True},
 }
+
+# The challenge scores the first 50,000 documents of its doc stream; they must never reach a train shard.
+# (The CaseOps prep script of the challenge defaulted to 10,000: its issue #2127.)
+CHALLENGE_VAL_DOCS = 50_000
 
 Fetch = Callable[[str, Path], None]
 
@@ -133,7 +153,22 @@ def read_shard(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
 
 
 def shard_name(split: str, index: int) -> str:
+    """fineweb_<split>_NNNNNN.bin; split is "train", "val" or "val_bytes" (the CaseOps byte sidecar)."""
     return f"fineweb_{split}_{index:06d}.bin"
+
+
+_SHARD_FILE = re.compile(r"fineweb_(train|val|val_bytes)_(\d{6})\.bin")
+
+
+def list_shards(data_dir: str | os.PathLike) -> dict[str, list[Path]]:
+    """{"train": [...], "val": [...], "val_bytes": [...]} sorted by index.  Unlike the glob
+    fineweb_val_*.bin, "val" never includes the byte sidecars fineweb_val_bytes_*.bin."""
+    found: dict[str, list[tuple[int, Path]]] = {"train": [], "val": [], "val_bytes": []}
+    for p in Path(data_dir).iterdir():
+        m = _SHARD_FILE.fullmatch(p.name)
+        if m and p.is_file():
+            found[m.group(1)].append((int(m.group(2)), p))
+    return {k: [p for _, p in sorted(v)] for k, v in found.items()}
 
 
 # --------------------------------------------------------------------------------------
@@ -195,6 +230,196 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 # --------------------------------------------------------------------------------------
+# CaseOps: the lossless_caps_caseops_v1 text transform
+# --------------------------------------------------------------------------------------
+#
+# Acts on maximal runs of ASCII letters [A-Za-z]+ ("words"); everything else is copied:
+#   lowercase word            -> unchanged                      "the"      -> "the"
+#   all caps, >= 2 letters    -> ALLCAPS + lowercase             "NASA"     -> ALLCAPS "nasa"
+#   any other word            -> TITLE before it if its first letter is upper, CAPNEXT before
+#                                every later upper letter, all letters lowercased:
+#                                "The" -> TITLE "the", "I" -> TITLE "i", "McDonald" -> TITLE "mc" CAPNEXT "donald",
+#                                "iPhone" -> "i" CAPNEXT "phone"
+#   a literal operator character (U+E001..U+E004) in the input -> ESC + that character.
+# Non-ASCII letters are not case-mapped ("École" -> "É" + "cole"), digits split words ("COVID19" ->
+# ALLCAPS "covid" "19").  Same output as encode_lossless_caps_v2 of the challenge's lossless_caps.py,
+# so the shipped tokenizer (ids 4..7 = TITLE, ALLCAPS, CAPNEXT, ESC) sees the same text.
+
+CASEOPS_TRANSFORM = "lossless_caps_caseops_v1"
+CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC = "\ue001", "\ue002", "\ue003", "\ue004"
+CASEOPS_OPERATORS = CASEOPS_TITLE + CASEOPS_ALLCAPS + CASEOPS_CAPNEXT + CASEOPS_ESC
+
+_CASED_WORD = re.compile(r"(?<![A-Za-z])[A-Za-z]*[A-Z][A-Za-z]*")  # a maximal run holding an upper letter
+_OPERATOR_CHAR = re.compile("[\ue001-\ue004]")
+_DECODE_STEP = re.compile("\ue004([\\s\\S])|\ue002([a-z]+)|[\ue001\ue003]([a-z])|[\ue001-\ue004]")
+
+
+class CaseOpsError(DataError):
+    """A string that is not a valid CaseOps encoding."""
+
+
+def _encode_word(m: re.Match) -> str:
+    w = m.group()
+    if len(w) >= 2 and w.isupper():
+        return CASEOPS_ALLCAPS + w.lower()
+    if w[1:].islower() or len(w) == 1:  # Title (or a single capital): first letter is upper here
+        return CASEOPS_TITLE + w.lower()
+    out = [CASEOPS_TITLE + w[0].lower() if w[0] <= "Z" else w[0]]
+    out.extend(CASEOPS_CAPNEXT + c.lower() if c <= "Z" else c for c in w[1:])
+    return "".join(out)
+
+
+def caseops_encode(text: str) -> str:
+    """The lossless_caps_caseops_v1 transform of ``text`` (see the table above)."""
+    if _OPERATOR_CHAR.search(text):
+        text = _OPERATOR_CHAR.sub(lambda m: CASEOPS_ESC + m.group(), text)
+    return _CASED_WORD.sub(_encode_word, text)
+
+
+def _decode_step(m: re.Match) -> str:
+    literal, caps, one = m.group(1, 2, 3)
+    if literal is not None:
+        return literal
+    if caps is not None:
+        return caps.upper()
+    if one is not None:
+        return one.upper()
+    raise CaseOpsError(f"malformed CaseOps text: operator U+{ord(m.group()):04X} at character {m.start()} "
+                       f"is not followed by what it applies to")
+
+
+def caseops_decode(text: str) -> str:
+    """Inverse of ``caseops_encode``: ``caseops_decode(caseops_encode(s)) == s`` for every string ``s``.
+    A dangling operator (nothing after ESC, no ASCII letter after TITLE/ALLCAPS/CAPNEXT) raises CaseOpsError."""
+    return _DECODE_STEP.sub(_decode_step, text)
+
+
+def caseops_char_bytes(transformed: str) -> np.ndarray:
+    """Per character of a CaseOps-encoded string: how many UTF-8 bytes of the ORIGINAL text it stands for.
+
+    Operator characters count 0, a character escaped by ESC counts its own UTF-8 length (3), every other
+    character its UTF-8 length (ASCII letters 1, whatever their original case).  Sums to
+    len(caseops_decode(transformed).encode("utf-8")).
+    """
+    cps = np.frombuffer(transformed.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    nbytes = 1 + (cps >= 0x80).astype(np.int64) + (cps >= 0x800) + (cps >= 0x10000)
+    op = (cps >= 0xE001) & (cps <= 0xE004)
+    nbytes[op] = 0
+    if CASEOPS_ESC in transformed:  # ESC escapes the next character: that one is literal text
+        escaped_next = -1
+        for pos in np.flatnonzero(op).tolist():
+            if pos == escaped_next:
+                nbytes[pos] = 3
+            elif cps[pos] == 0xE004:
+                escaped_next = pos + 1
+    return nbytes
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _proto_pieces(buf: bytes) -> list[tuple[int, int, int]]:
+    """(id, begin, end) of each piece of a serialized sentencepiece.SentencePieceText (begin/end are byte
+    offsets into the UTF-8 input).  A minimal protobuf reader: sentencepiece's own parser needs protobuf."""
+    pieces = []
+    pos, n = 0, len(buf)
+    while pos < n:
+        key, pos = _read_varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _read_varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            size, pos = _read_varint(buf, pos)
+            if field == 2:  # repeated SentencePiece pieces = 2 {piece=1, id=2, surface=3, begin=4, end=5}
+                vals = {2: 0, 4: 0, 5: 0}
+                p, end = pos, pos + size
+                while p < end:
+                    k, p = _read_varint(buf, p)
+                    if k & 7 == 0:
+                        v, p = _read_varint(buf, p)
+                        vals[k >> 3] = v
+                    elif k & 7 == 2:
+                        sz, p = _read_varint(buf, p)
+                        p += sz
+                    else:
+                        p += 8 if k & 7 == 1 else 4
+                pieces.append((vals[2], vals[4], vals[5]))
+            pos += size
+        else:
+            raise DataError(f"unexpected protobuf wire type {wire} in a SentencePiece encoding")
+    return pieces
+
+
+def _piece_spans(sp, texts: list[str], num_threads: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For each text: (token ids, begin, end) with begin/end the CHARACTER span of the input that each
+    piece's surface covers (the pieces of one character split into byte-fallback tokens: empty spans
+    but the last).  Characters the normalizer drops at the edges (leading/trailing whitespace, a BOM)
+    belong to no piece."""
+    try:  # sentencepiece >= 0.2.1: offsets straight from C++
+        res = sp.encode(texts, out_type="offset_mapping", num_threads=num_threads)
+        out = []
+        for r in res:
+            offs = np.asarray(r["offsets"], dtype=np.int64).reshape(-1, 2)
+            out.append((np.asarray(r["ids"], dtype=np.int64), offs[:, 0], offs[:, 1]))
+        return out
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        pass
+    out = []
+    for text in texts:  # older sentencepiece: parse the serialized proto (byte offsets -> char offsets)
+        enc = getattr(sp, "encode_as_serialized_proto", None) or sp.EncodeAsSerializedProto
+        pieces = np.asarray(_proto_pieces(enc(text)), dtype=np.int64).reshape(-1, 3)
+        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        char_start = np.concatenate([[0], np.cumsum(1 + (cps >= 0x80).astype(np.int64) + (cps >= 0x800)
+                                                    + (cps >= 0x10000))])
+        out.append((pieces[:, 0], np.searchsorted(char_start, pieces[:, 1]),
+                    np.searchsorted(char_start, pieces[:, 2])))
+    return out
+
+
+def caseops_original_byte_counts(transformed: str, begin, end, exact: bool = False) -> np.ndarray:
+    """Per token: the UTF-8 bytes of the ORIGINAL text it stands for, from its character span
+    [begin, end) in the CaseOps-encoded text.
+
+    Default (the published export's rule, lossless_caps.surface_piece_original_byte_counts): the bytes of
+    the token's own surface, operator characters counting 0.  Characters SentencePiece drops without
+    giving them to any piece (leading/trailing whitespace, a leading BOM) count nowhere.
+    ``exact=True`` instead gives each token everything from the previous token's end to its own end
+    (the last token also takes the tail), so the counts sum to the document's full UTF-8 size.
+    """
+    weight = np.concatenate([[0], np.cumsum(caseops_char_bytes(transformed))])
+    begin = np.asarray(begin, dtype=np.int64)
+    end = np.asarray(end, dtype=np.int64)
+    if not exact:
+        return weight[end] - weight[begin]
+    if end.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    stops = np.maximum.accumulate(end)
+    stops[-1] = len(transformed)
+    return np.diff(weight[np.concatenate([[0], stops])])
+
+
+def caseops_tokenize(sp, texts: list[str], exact: bool = False,
+                     num_threads: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """CaseOps-encode and tokenize ``texts``; per text (token ids, original UTF-8 bytes per token).
+    ``sp`` is the CaseOps SentencePiece model (a SentencePieceProcessor); no BOS is added."""
+    encoded = [caseops_encode(t) for t in texts]
+    return [(ids, caseops_original_byte_counts(tr, b, e, exact=exact))
+            for tr, (ids, b, e) in zip(encoded, _piece_spans(sp, encoded, num_threads))]
+
+
+# --------------------------------------------------------------------------------------
 # build
 # --------------------------------------------------------------------------------------
 
@@ -207,6 +432,7 @@ class _ShardWriter:
         self.fill = 0
         self.files: list[Path] = []
         self.tokens = 0
+        self.total = 0  # sum of the values written (the byte total, for a sidecar)
 
     def add(self, toks: np.ndarray) -> None:
         pos = 0
@@ -225,21 +451,29 @@ class _ShardWriter:
         write_shard(path, self.buf[:self.fill])
         self.files.append(path)
         self.tokens += self.fill
+        self.total += int(self.buf[:self.fill].sum(dtype=np.int64))
         self.fill = 0
 
 
 def build_shards(docs_path: str | os.PathLike, tokenizer_path: str | os.PathLike,
-                 out_dir: str | os.PathLike, val_docs: int, max_docs: int | None = None,
+                 out_dir: str | os.PathLike, val_docs: int = CHALLENGE_VAL_DOCS, max_docs: int | None = None,
                  shard_tokens: int = DEFAULT_SHARD_TOKENS, batch_docs: int = 256,
-                 log: Callable[[str], None] | None = None) -> dict:
+                 log: Callable[[str], None] | None = None, caseops: bool = False,
+                 exact_bytes: bool = False) -> dict:
     """Tokenize docs into val shards (first ``val_docs`` docs) and train shards (the rest).
 
-    Existing fineweb_{train,val}_*.bin files in ``out_dir`` are removed first so the
+    ``val_docs`` defaults to the challenge's 50,000 scored documents.  With ``caseops`` every document
+    is CaseOps-encoded before tokenization (use the CaseOps tokenizer) and each val shard gets its byte
+    sidecar fineweb_val_bytes_NNNNNN.bin (uint16 per token: original UTF-8 bytes, 0 for BOS; see
+    ``caseops_original_byte_counts`` for ``exact_bytes``).
+    Existing fineweb_{train,val}_*.bin files (sidecars included) in ``out_dir`` are removed first so the
     directory always holds exactly one consistent build.  Returns a dict with
-    docs, docs_val, docs_train, tokens_val, tokens_train, files_val, files_train
-    (lists of paths), vocab_size and bos_id.
+    docs, docs_val, docs_train, tokens_val, tokens_train, files_val, files_train, files_val_bytes
+    (lists of paths), bytes_val (sidecar total, 0 without caseops), vocab_size and bos_id.
     """
     docs_path, tokenizer_path, out_dir = Path(docs_path), Path(tokenizer_path), Path(out_dir)
+    if val_docs is None:
+        val_docs = CHALLENGE_VAL_DOCS
     if val_docs < 0:
         raise DataError(f"--val-docs must be >= 0, got {val_docs}")
     if max_docs is not None and max_docs <= 0:
@@ -261,17 +495,43 @@ def build_shards(docs_path: str | os.PathLike, tokenizer_path: str | os.PathLike
         for stale in out_dir.glob(pattern):
             stale.unlink()
 
+    if val_docs < CHALLENGE_VAL_DOCS and log:
+        log(f"warning: --val-docs {val_docs} is below the {CHALLENGE_VAL_DOCS} documents the challenge scores: "
+            f"documents #{val_docs} and later go to the train shards, so this data must never "
+            f"be scored against the official validation split (challenge issue #2127)")
+    if caseops and sp.piece_to_id(CASEOPS_TITLE) == sp.unk_id() and log:
+        log(f"warning: {tokenizer_path} has no CaseOps operator pieces (expected the "
+            f"lossless_caps_caseops_v1 tokenizer): operators will become <unk>/byte tokens")
+
     writers = {s: _ShardWriter(out_dir, s, shard_tokens) for s in ("val", "train")}
+    sidecar = _ShardWriter(out_dir, "val_bytes", shard_tokens) if caseops else None
     ndocs = {"val": 0, "train": 0}
+    threads = max(1, min(8, os.cpu_count() or 1))
+
+    def add(split: str, ids, nbytes=None) -> None:
+        arr = np.empty(len(ids) + 1, dtype=TOKEN_DTYPE)
+        arr[0] = bos
+        arr[1:] = ids
+        writers[split].add(arr)
+        ndocs[split] += 1
+        if nbytes is not None:
+            counts = np.zeros(arr.size, dtype=np.int64)  # BOS stands for 0 bytes
+            counts[1:] = nbytes
+            if counts.size > 1 and int(counts.max()) > MAX_VOCAB:
+                raise DataError(f"{docs_path}: document {ndocs[split] - 1} has a token standing for "
+                                f"{int(counts.max())} bytes (> {MAX_VOCAB}, does not fit the uint16 sidecar)")
+            sidecar.add(counts.astype(TOKEN_DTYPE))
 
     def encode_batch(texts: list[str], first_index: int) -> None:
-        for i, ids in enumerate(sp.encode(texts)):
-            split = "val" if first_index + i < val_docs else "train"
-            arr = np.empty(len(ids) + 1, dtype=TOKEN_DTYPE)
-            arr[0] = bos
-            arr[1:] = ids
-            writers[split].add(arr)
-            ndocs[split] += 1
+        n_val = max(0, min(len(texts), val_docs - first_index))
+        if caseops:
+            for ids, nbytes in caseops_tokenize(sp, texts[:n_val], exact=exact_bytes, num_threads=threads):
+                add("val", ids, nbytes)
+            for ids in sp.encode([caseops_encode(t) for t in texts[n_val:]], num_threads=threads):
+                add("train", ids)
+        else:
+            for i, ids in enumerate(sp.encode(texts)):
+                add("val" if i < n_val else "train", ids)
 
     batch: list[str] = []
     seen = 0
@@ -288,6 +548,8 @@ def build_shards(docs_path: str | os.PathLike, tokenizer_path: str | os.PathLike
         seen += len(batch)
     for w in writers.values():
         w.flush()
+    if sidecar is not None:
+        sidecar.flush()
 
     if seen == 0:
         raise DataError(f"{docs_path}: no documents found")
@@ -298,12 +560,16 @@ def build_shards(docs_path: str | os.PathLike, tokenizer_path: str | os.PathLike
         "docs_val": ndocs["val"], "docs_train": ndocs["train"],
         "tokens_val": writers["val"].tokens, "tokens_train": writers["train"].tokens,
         "files_val": writers["val"].files, "files_train": writers["train"].files,
+        "files_val_bytes": sidecar.files if sidecar is not None else [],
+        "bytes_val": sidecar.total if sidecar is not None else 0,
         "vocab_size": vocab, "bos_id": bos,
     }
     if log:
         log(f"built {out_dir}: val {result['docs_val']} docs / {result['tokens_val']} tokens in "
             f"{len(result['files_val'])} shard(s); train {result['docs_train']} docs / "
-            f"{result['tokens_train']} tokens in {len(result['files_train'])} shard(s)")
+            f"{result['tokens_train']} tokens in {len(result['files_train'])} shard(s)"
+            + (f"; CaseOps byte sidecar: {result['bytes_val']} bytes in {len(result['files_val_bytes'])} "
+               f"file(s)" if caseops else ""))
     return result
 
 
@@ -464,13 +730,22 @@ def download(variant: str, train_shards: int, out: str | os.PathLike = "data",
 
     ds = f"datasets/{spec['dataset']}"
     wanted = [f"{ds}/{shard_name('val', i)}" for i in range(n_val)]
+    if spec.get("val_bytes") or entry.get("val_bytes_glob"):  # CaseOps: one byte sidecar per val shard
+        wanted += [f"{ds}/{shard_name('val_bytes', i)}" for i in range(n_val)]
     wanted += [f"{ds}/{shard_name('train', i)}" for i in range(train_shards)]
     wanted += tok_files
 
-    def one(rel: str) -> tuple[Path, bool]:
+    def one(rel: str) -> tuple[Path, bool | None]:
         local = _local_for(join(rel), prefix, out)
         size = sizes.get(rel.rsplit("/", 1)[-1])
-        return local, fetch_file(fetch, join(rel), local, None if size is None else int(size), log)
+        try:
+            return local, fetch_file(fetch, join(rel), local, None if size is None else int(size), log)
+        except DataError as e:
+            if not rel.endswith(".vocab"):  # the .vocab is a human-readable extra: nothing reads it
+                raise
+            if log:
+                log(f"note: optional tokenizer file not fetched ({e})")
+            return local, None
 
     if workers <= 1:
         results = [one(rel) for rel in wanted]
@@ -478,10 +753,234 @@ def download(variant: str, train_shards: int, out: str | os.PathLike = "data",
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(one, wanted))
     for local, did in results:
-        (fetched if did else skipped).append(local)
+        if did is not None:
+            (fetched if did else skipped).append(local)
     model = next((p for p in tok_files if p.endswith(".model")), tok_files[0])
     return {"fetched": fetched, "skipped": skipped, "dataset_dir": out / ds,
             "tokenizer": _local_for(join(model), prefix, out), "repo_id": repo_id}
+
+
+# --------------------------------------------------------------------------------------
+# check: shard validation + the validation/train leak guard
+# --------------------------------------------------------------------------------------
+
+_HASH_MUL = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, elementwise on uint64 (wrapping arithmetic)."""
+    h = h ^ (h >> np.uint64(30))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    h = h ^ (h >> np.uint64(27))
+    h = h * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def doc_prefix_keys(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, k: int) -> np.ndarray:
+    """64-bit keys of documents tokens[starts[i]:ends[i]]: a hash of their first min(len, k) tokens and of
+    that length, so a document shorter than k only matches a document equal to it as a whole."""
+    starts = np.asarray(starts, dtype=np.int64)
+    lens = np.minimum(np.asarray(ends, dtype=np.int64) - starts, k)
+    with np.errstate(over="ignore"):
+        h = _mix64(lens.astype(np.uint64) + np.uint64(0x632BE59BD9B4E019))
+        if starts.size and tokens.size:
+            last = tokens.size - 1
+            for j in range(k):  # Horner over the k columns; positions past a document's end count as 0
+                col = tokens[np.minimum(starts + j, last)].astype(np.uint64) + np.uint64(1)
+                h = h * _HASH_MUL + np.where(j < lens, col, np.uint64(0))
+        return _mix64(h)
+
+
+def _doc_bounds(tokens: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Content [start, end) of each document: from after its BOS to the next BOS or the end."""
+    bos = np.flatnonzero(tokens == bos_id)
+    return bos + 1, np.append(bos[1:], tokens.size).astype(np.int64)
+
+
+def _infer_vocab(data_dir: Path) -> tuple[int | None, str]:
+    for spec in VARIANTS.values():
+        if data_dir.name == spec["dataset"]:
+            return spec["vocab"], f"the {spec['dataset']} export"
+    for manifest in (data_dir.parent.parent / "manifest.json", data_dir.parent / "manifest.json"):
+        try:
+            entries = json.loads(manifest.read_text(encoding="utf-8")).get("datasets", [])
+            entry = next((d for d in entries if d.get("name") == data_dir.name and d.get("vocab_size")), None)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if entry is not None:
+            return int(entry["vocab_size"]), str(manifest)
+    m = re.search(r"_sp(\d+)(?:_|$)", data_dir.name)
+    if m:
+        return int(m.group(1)), f"the folder name {data_dir.name}"
+    return None, "unknown"
+
+
+def check_data(data_dir: str | os.PathLike, vocab_size: int | None = None, bos_id: int = 1,
+               prefix_tokens: int = 32, min_doc_tokens: int = 16, require_sidecar: bool = False,
+               workers: int | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Validate a shard folder and look for validation documents inside the training shards.
+
+    Every fineweb_{train,val,val_bytes}_NNNNNN.bin must have a valid header and a size matching its
+    token count; token ids must be < ``vocab_size`` (given, or inferred from the folder: a known
+    export, a manifest.json entry, or "_sp<N>" in the name; skipped when unknown).  The byte sidecars,
+    when present (or ``require_sidecar``), must pair one-to-one with the val shards with equal token
+    counts and 0 at every BOS.  Format problems raise DataError.
+
+    Leak guard: the validation stream is split into documents at ``bos_id``; each document with at
+    least ``min_doc_tokens`` tokens is keyed by ``doc_prefix_keys`` (first ``prefix_tokens`` tokens).
+    Every training document (from a BOS; shards are scanned in parallel, memory-mapped) whose key
+    matches is compared token by token with the candidate validation documents.  A document cut by the
+    end of its shard is joined with the head of the following shard(s) first; one cut by the end of the
+    last shard present counts when it equals the start of a validation document.  Returns
+    a dict: train_shards, val_shards, train_tokens, val_tokens, val_docs, val_docs_checked, sidecar_bytes
+    (None without a sidecar), vocab_size, leaked_docs (distinct validation documents found),
+    leaked_by_shard ({file name: documents}), leaked_examples (up to 5 (val doc, shard, position)), seconds.
+    """
+    t0 = time.perf_counter()
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data folder not found")
+    if prefix_tokens < 1:
+        raise DataError(f"--prefix-tokens must be >= 1, got {prefix_tokens}")
+    shards = list_shards(data_dir)
+    if not shards["val"]:
+        raise DataError(f"{data_dir}: no validation shards (fineweb_val_NNNNNN.bin)")
+    if not shards["train"]:
+        raise DataError(f"{data_dir}: no training shards (fineweb_train_NNNNNN.bin)")
+    vocab_source = "--vocab-size"
+    if vocab_size is None:
+        vocab_size, vocab_source = _infer_vocab(data_dir)
+
+    def check_ids(path: Path, arr: np.ndarray) -> None:
+        if vocab_size is not None and arr.size:
+            top = int(arr.max())
+            if top >= vocab_size:
+                raise DataError(f"{path}: token id {top} >= vocab size {vocab_size} (from {vocab_source})")
+
+    # validation stream + sidecars
+    val_parts = []
+    for p in shards["val"]:
+        arr = read_shard(p)
+        check_ids(p, arr)
+        val_parts.append(arr)
+    val = np.concatenate(val_parts)
+    sidecar_bytes = None
+    if shards["val_bytes"] or require_sidecar:
+        val_names = [p.name.replace("fineweb_val_", "fineweb_val_bytes_") for p in shards["val"]]
+        side_names = [p.name for p in shards["val_bytes"]]
+        if side_names != val_names:
+            missing = sorted(set(val_names) - set(side_names)) or sorted(set(side_names) - set(val_names))
+            raise DataError(f"{data_dir}: byte sidecars do not pair with the val shards "
+                            f"({len(side_names)} sidecar(s) for {len(val_names)} val shard(s); "
+                            f"unpaired: {', '.join(missing[:3])})")
+        sidecar_bytes = 0
+        for p, toks in zip(shards["val_bytes"], val_parts):
+            nb = read_shard(p)
+            if nb.size != toks.size:
+                raise DataError(f"{p}: {nb.size} byte counts for {toks.size} tokens in the val shard")
+            at_bos = nb[toks == bos_id]
+            if at_bos.any():
+                raise DataError(f"{p}: {int((at_bos != 0).sum())} BOS token(s) with a non-zero byte count")
+            sidecar_bytes += int(nb.sum(dtype=np.int64))
+
+    starts, ends = _doc_bounds(val, bos_id)
+    keep = (ends - starts) >= max(1, min_doc_tokens)
+    vstarts, vends = starts[keep], ends[keep]
+    vkeys = doc_prefix_keys(val, vstarts, vends, prefix_tokens)
+    order = np.argsort(vkeys, kind="stable")
+    skeys = vkeys[order]
+
+    train_paths = shards["train"]
+
+    def continuation(i: int) -> tuple[list[np.ndarray], bool]:
+        """Tokens at the head of shards i, i+1, ... before their first BOS (the rest of a document cut by
+        the end of shard i-1); the flag says whether the document's end was seen."""
+        parts = []
+        for path in train_paths[i:]:
+            arr = read_shard(path, mmap=True)
+            step = 1 << 16
+            for off in range(0, arr.size, step):
+                hit = np.flatnonzero(arr[off:off + step] == bos_id)
+                if hit.size:
+                    parts.append(np.asarray(arr[:off + int(hit[0])]))
+                    return parts, True
+            parts.append(np.asarray(arr))
+        return parts, False
+
+    def matches(doc: np.ndarray, key: np.uint64, complete: bool) -> list[int]:
+        lo, hi = np.searchsorted(skeys, key, side="left"), np.searchsorted(skeys, key, side="right")
+        out = []
+        for vi in order[lo:hi].tolist():
+            vdoc = val[vstarts[vi]:vends[vi]]
+            if np.array_equal(doc, vdoc) or (not complete and doc.size <= vdoc.size
+                                              and np.array_equal(doc, vdoc[:doc.size])):
+                out.append(vi)
+        return out
+
+    def scan(i: int) -> tuple[str, int, int, list[tuple[int, int]]]:
+        path = train_paths[i]
+        arr = read_shard(path, mmap=True)
+        check_ids(path, arr)
+        if not skeys.size:
+            return path.name, arr.size, 0, []
+        tstarts, tends = _doc_bounds(arr, bos_id)
+        keys = doc_prefix_keys(arr, tstarts, tends, prefix_tokens)
+        lo = np.searchsorted(skeys, keys, side="left")
+        hi = np.searchsorted(skeys, keys, side="right")
+        found = []
+        last = tstarts.size - 1
+        for d in np.flatnonzero(hi > lo).tolist():
+            if d != last or tends[d] < arr.size:
+                doc = np.asarray(arr[tstarts[d]:tends[d]])
+                found += [(vi, int(tstarts[d]) - 1) for vi in matches(doc, keys[d], True)]
+        if last >= 0 and tends[last] == arr.size:  # the last document runs into the next shard(s): join it
+            parts, complete = continuation(i + 1)
+            doc = np.concatenate([np.asarray(arr[tstarts[last]:])] + parts)
+            key = doc_prefix_keys(doc, np.zeros(1, np.int64), np.array([doc.size]), prefix_tokens)[0]
+            found += [(vi, int(tstarts[last]) - 1) for vi in matches(doc, key, complete)]
+        return path.name, arr.size, tstarts.size, found
+
+    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    if workers == 1:
+        scanned = [scan(i) for i in range(len(train_paths))]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            scanned = list(pool.map(scan, range(len(train_paths))))
+
+    leaked: set[int] = set()
+    by_shard: dict[str, int] = {}
+    examples: list[tuple[int, str, int]] = []
+    for name, _, _, found in scanned:
+        docs = {vi for vi, _ in found}
+        if docs:
+            by_shard[name] = len(docs)
+            leaked |= docs
+            examples += [(vi, name, pos) for vi, pos in found[:5 - len(examples)]]
+    # report validation documents by their index in the validation stream (0 = first document)
+    doc_index = np.flatnonzero(keep)
+    result = {
+        "train_shards": len(shards["train"]), "val_shards": len(shards["val"]),
+        "train_tokens": sum(n for _, n, _, _ in scanned), "val_tokens": int(val.size),
+        "train_docs": sum(n for _, _, n, _ in scanned),
+        "val_docs": int(starts.size), "val_docs_checked": int(keep.sum()),
+        "sidecar_bytes": sidecar_bytes, "vocab_size": vocab_size,
+        "leaked_docs": len(leaked), "leaked_by_shard": by_shard,
+        "leaked_examples": [(int(doc_index[vi]), name, pos) for vi, name, pos in examples],
+        "seconds": time.perf_counter() - t0,
+    }
+    if log and val.size and val[0] != bos_id:
+        log(f"warning: the validation stream does not start with BOS ({bos_id}): "
+            f"tokens before the first BOS are not checked")
+    return result
+
+
+def check_summary(r: dict) -> str:
+    side = "" if r["sidecar_bytes"] is None else f" val_bytes:{r['sidecar_bytes']}"
+    return (f"check: train_shards:{r['train_shards']} train_tokens:{r['train_tokens']} "
+            f"val_shards:{r['val_shards']} val_tokens:{r['val_tokens']} val_docs:{r['val_docs']} "
+            f"val_docs_checked:{r['val_docs_checked']}{side} "
+            f"vocab:{r['vocab_size'] if r['vocab_size'] is not None else 'unchecked'} "
+            f"leaked_docs:{r['leaked_docs']} time:{r['seconds']:.1f}s")
 
 
 # --------------------------------------------------------------------------------------
@@ -597,9 +1096,33 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--docs", required=True)
     b.add_argument("--tokenizer", required=True)
     b.add_argument("--out", required=True)
-    b.add_argument("--val-docs", type=int, required=True)
+    b.add_argument("--val-docs", type=int, default=CHALLENGE_VAL_DOCS,
+                   help=f"the first N docs form the validation split (default {CHALLENGE_VAL_DOCS}, the "
+                        f"challenge's scored set; fewer puts scored docs into the train shards)")
     b.add_argument("--max-docs", type=int, default=None)
     b.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
+    b.add_argument("--caseops", action="store_true",
+                   help="apply the lossless_caps_caseops_v1 transform before tokenizing (use the CaseOps "
+                        "tokenizer) and write the validation byte sidecar fineweb_val_bytes_NNNNNN.bin")
+    b.add_argument("--exact-bytes", action="store_true",
+                   help="with --caseops: also count the characters SentencePiece drops at document edges "
+                        "(leading/trailing whitespace, BOM), so the sidecar sums to the full UTF-8 size; "
+                        "default is the published export's rule (they count 0)")
+
+    k = sub.add_parser("check", help="validate a shard folder and verify no validation doc is in a train shard")
+    k.add_argument("data_dir")
+    k.add_argument("--vocab-size", type=int, default=None,
+                   help="token ids must be below this (default: inferred from the folder, else unchecked)")
+    k.add_argument("--bos-id", type=int, default=1)
+    k.add_argument("--prefix-tokens", type=int, default=32, help="tokens hashed per document")
+    k.add_argument("--min-doc-tokens", type=int, default=16,
+                   help="validation documents shorter than this are not looked for (default 16: a few-word "
+                        "document can recur by chance)")
+    k.add_argument("--require-sidecar", action="store_true",
+                   help="fail unless every val shard has its fineweb_val_bytes_NNNNNN.bin (CaseOps)")
+    k.add_argument("--max-leaked", type=int, default=0,
+                   help="tolerate up to N validation documents found in training shards (default 0)")
+    k.add_argument("--workers", type=int, default=None, help="training shards scanned in parallel")
 
     c = sub.add_parser("pydoc-corpus", help="write an offline docs.jsonl from stdlib pydoc text")
     c.add_argument("--out", required=True)
@@ -628,8 +1151,25 @@ def main(argv: list[str] | None = None) -> int:
             log(f"done: {len(r['fetched'])} fetched, {len(r['skipped'])} already present "
                 f"({r['dataset_dir']}, {r['tokenizer']})")
         elif args.cmd == "build":
+            if args.exact_bytes and not args.caseops:
+                raise DataError("--exact-bytes only applies with --caseops")
             build_shards(args.docs, args.tokenizer, args.out, args.val_docs, args.max_docs,
-                         args.shard_tokens, log=log)
+                         args.shard_tokens, log=log, caseops=args.caseops, exact_bytes=args.exact_bytes)
+        elif args.cmd == "check":
+            r = check_data(args.data_dir, vocab_size=args.vocab_size, bos_id=args.bos_id,
+                           prefix_tokens=args.prefix_tokens, min_doc_tokens=args.min_doc_tokens,
+                           require_sidecar=args.require_sidecar, workers=args.workers, log=log)
+            print(check_summary(r), flush=True)
+            if r["leaked_docs"] > args.max_leaked:
+                for name, n in sorted(r["leaked_by_shard"].items()):
+                    log(f"leak: {name} holds {n} validation document(s)")
+                for vi, name, pos in r["leaked_examples"]:
+                    log(f"leak: validation document #{vi} found in {name} at token {pos}")
+                shards = ", ".join(f"{name} ({n})" for name, n in sorted(r["leaked_by_shard"].items()))
+                raise DataError(
+                    f"{args.data_dir}: {r['leaked_docs']} of {r['val_docs']} validation documents also occur in "
+                    f"training shards: {shards}; the validation split leaks into training (built with fewer "
+                    f"--val-docs than the {CHALLENGE_VAL_DOCS} scored? challenge issue #2127)")
         elif args.cmd == "pydoc-corpus":
             n = write_docs_jsonl(args.out, pydoc_docs(args.doc_chars))
             if n == 0:

@@ -61,7 +61,7 @@ def test_cpu_smoke_all_modes(tmp_path):
     r = json.loads(out.read_text())
 
     d = r["device"]
-    assert d["type"] == "cpu" and d["attention"] == "SDPA" and d["peak_tflops"] is None
+    assert d["type"] == "cpu" and d["attention"] == "sdpa" and d["peak_tflops"] is None
     assert d["torch"] == __import__("torch").__version__ and d["threads"] == 1
     assert r["data"] == "synthetic" and r["modes"] == ["train", "eval", "compress"]
     assert r["config"]["num_layers"] == 2 and r["config"]["model_dim"] == 64

@@ -330,9 +330,9 @@ def test_non_finite_loss_names_step_and_last_good_loss(tiny_data, tmp_path, one_
     model = tg.GPT(hp)
     forward, calls = model.forward, []
 
-    def poisoned(ids, targets, reduction="mean"):  # NaN from the 5th step on
+    def poisoned(ids, targets, reduction="mean", docs=None):  # NaN from the 5th step on
         calls.append(1)
-        out = forward(ids, targets, reduction)
+        out = forward(ids, targets, reduction, docs)
         return out * float("nan") if len(calls) >= 5 else out
 
     monkeypatch.setattr(model, "forward", poisoned)

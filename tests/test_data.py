@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -423,3 +424,91 @@ def test_pydoc_corpus_and_tokenizer(tmp_path):
     assert 256 < sp.get_piece_size() <= 300
     res = fw.build_shards(path, model, tmp_path / "out", val_docs=2)
     assert res["docs_val"] == 2 and res["bos_id"] == 1
+
+
+# ----------------------------------------------------------------------------- check (format; the leak guard itself:
+# tests/test_caseops.py)
+
+def _check_dir(tmp_path, n_val=300, n_train=(400, 400)):
+    d = tmp_path / "fineweb10B_sp1024"
+    rng = np.random.default_rng(5)
+
+    def stream(n):
+        toks = rng.integers(2, 1024, size=n)
+        toks[::50] = 1
+        return toks
+
+    fw.write_shard(d / "fineweb_val_000000.bin", stream(n_val))
+    for i, n in enumerate(n_train):
+        fw.write_shard(d / f"fineweb_train_{i:06d}.bin", stream(n))
+    return d
+
+
+def test_list_shards_keeps_sidecars_apart(tmp_path):
+    d = _check_dir(tmp_path)
+    fw.write_shard(d / "fineweb_val_bytes_000000.bin", np.zeros(300, dtype=np.int64))
+    (d / "fineweb_train_notes.bin").write_bytes(b"x")
+    got = {k: [p.name for p in v] for k, v in fw.list_shards(d).items()}
+    assert got == {"train": ["fineweb_train_000000.bin", "fineweb_train_000001.bin"],
+                   "val": ["fineweb_val_000000.bin"], "val_bytes": ["fineweb_val_bytes_000000.bin"]}
+
+
+def test_check_clean_and_counts(tmp_path):
+    d = _check_dir(tmp_path)
+    r = fw.check_data(d)
+    assert r["vocab_size"] == 1024  # the export's folder name
+    assert (r["train_shards"], r["val_shards"], r["train_tokens"], r["val_tokens"]) == (2, 1, 800, 300)
+    assert r["val_docs"] == 6 and r["val_docs_checked"] == 6 and r["leaked_docs"] == 0
+    assert r["sidecar_bytes"] is None and r["train_docs"] == 16
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("vocab", "token id 1500 >= vocab size 1024"),
+    ("header", "bad magic"),
+    ("size", "does not match header"),
+    ("no_train", "no training shards"),
+    ("sidecar_len", "299 byte counts for 300 tokens"),
+    ("sidecar_bos", "1 BOS token(s) with a non-zero byte count"),
+    ("sidecar_missing", "0 sidecar(s) for 1 val shard(s)"),
+])
+def test_check_rejects_bad_data(tmp_path, damage, message):
+    d = _check_dir(tmp_path)
+    train = d / "fineweb_train_000001.bin"
+    require = False
+    if damage == "vocab":
+        toks = fw.read_shard(train).copy()
+        toks[7] = 1500
+        fw.write_shard(train, toks)
+    elif damage == "header":
+        raw = bytearray(train.read_bytes())
+        raw[0:4] = np.int32(1).tobytes()
+        train.write_bytes(bytes(raw))
+    elif damage == "size":
+        train.write_bytes(train.read_bytes()[:-2])
+    elif damage == "no_train":
+        for p in d.glob("fineweb_train_*.bin"):
+            p.unlink()
+    elif damage == "sidecar_len":
+        fw.write_shard(d / "fineweb_val_bytes_000000.bin", np.zeros(299, dtype=np.int64))
+    elif damage == "sidecar_bos":
+        nb = np.zeros(300, dtype=np.int64)
+        nb[50] = 4  # token 50 is a BOS
+        fw.write_shard(d / "fineweb_val_bytes_000000.bin", nb)
+    elif damage == "sidecar_missing":
+        require = True
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fw.check_data(d, require_sidecar=require)
+    r = subprocess.run([sys.executable, str(FINEWEB_PY), "check", str(d)] + ["--require-sidecar"] * require,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_check_vocab_size_flag_and_missing_dir(tmp_path):
+    d = _check_dir(tmp_path)
+    r = subprocess.run([sys.executable, str(FINEWEB_PY), "check", str(d), "--vocab-size", "1000"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and ">= vocab size 1000 (from --vocab-size)" in r.stderr
+    r = subprocess.run([sys.executable, str(FINEWEB_PY), "check", str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "data folder not found" in r.stderr

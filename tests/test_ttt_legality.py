@@ -68,7 +68,11 @@ def chunked_tokens(seed):
 
 def random_model(hp, seed=0):
     torch.manual_seed(seed)
-    return tg.GPT(hp)
+    model = tg.GPT(hp)
+    if hp.attn_out_init == "zero":  # the record's zero attention outputs would hide every attention effect
+        with torch.no_grad():
+            model.qo[hp.num_layers:].normal_(std=0.05)
+    return model
 
 
 def runtime(tmp_path, rank=0, world_size=1):

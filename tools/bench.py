@@ -119,7 +119,7 @@ def compile_enabled(hp, rt):
     return bool(hp.compile if hp.compile >= 0 else rt.is_cuda)
 
 
-def device_info(rt, args):
+def device_info(rt, args, hp):
     if rt.is_cuda:
         name = torch.cuda.get_device_name(rt.device)
     else:
@@ -131,7 +131,7 @@ def device_info(rt, args):
             pass
     return {
         "type": rt.device.type, "name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
-        "attention": "FA3" if (tg.flash_attn_3 is not None and rt.is_cuda) else "SDPA",
+        "attention": tg.ATTENTION["kernel"], "doc_isolation": hp.doc_isolation,
         "threads": torch.get_num_threads(), "peak_tflops": args.peak_tflops if rt.is_cuda else None,
         "python": platform.python_version(), "brotli": tg.brotli is not None,
     }
@@ -231,7 +231,7 @@ def bench_train(hp, rt, args, sync):
     opt = tg.build_optimizers(model, hp, 1)
     averager = tg.WeightAverager(model, hp)
     accum = tg.grad_accum_steps(hp, 1)
-    loader = tg.DistributedTokenLoader(tg.shard_files(hp.data_path, "train"), hp.vocab_size, 0, 1, rt.device)
+    loader = tg.DistributedTokenLoader(tg.shard_files(hp.data_path, "train"), hp, 0, 1, rt.device)
     counter = {"step": 0, "loss": None}
 
     def full_step():  # exactly what train() does per step, less logging and the LR/QAT schedule
@@ -241,9 +241,9 @@ def bench_train(hp, rt, args, sync):
 
     def forward_backward():  # the accumulation loop of train_step, without opt.step
         for _ in range(accum):
-            x, y = loader.next_batch(hp.train_batch_tokens, hp.train_seq_len, accum)
+            x, y, docs = loader.next_batch(accum)
             with rt.autocast():
-                loss = step_model(x, y)
+                loss = step_model(x, y, docs=docs)
             (loss / accum).backward()
 
     reset_peak_memory(rt)
@@ -479,12 +479,13 @@ def main(argv=None):
     code_bytes = os.path.getsize(code_path if code_path.exists() else REPO / "train_gpt_human.py")
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         rt = QuietRuntime(0, 1, device, os.path.join(tmp, "bench.log"))
+        tg.select_attention(hp, device)
         val_needed = max(args.eval_tokens, args.ttt_chunks * hp.ttt_chunk_tokens) + 1
         config = dataclasses.asdict(hp)  # before a synthetic run points DATA_PATH at its temporary shards
         hp, val, luts, data = prepare_data(hp, args, tmp, val_needed)
         torch.manual_seed(hp.seed)
         report = {"tool": "tools/bench.py", "time": datetime.datetime.now().isoformat(timespec="seconds"),
-                  "device": device_info(rt, args), "data": data, "modes": modes,
+                  "device": device_info(rt, args, hp), "data": data, "modes": modes,
                   "args": {k: v for k, v in vars(args).items() if k != "out"},
                   "config": config}
         model = None

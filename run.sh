@@ -155,6 +155,15 @@ smoke() {
     export DATA_PATH=$data TOKENIZER_PATH=$tok VOCAB_SIZE=1024
     export_default RUN_ID "smoke_$TS"
     export_default DEVICE cpu
+    if [[ ${PRESET:-seed} == record ]]; then # the record's recurrence and parallel lanes, scaled to 4 layers
+        export_default NUM_LAYERS 4
+        export_default LOOP_START 1
+        export_default LOOP_END 2
+        export_default PARALLEL_START 3
+    else
+        export_default ENGRAM_BUCKETS 512
+        export_default VE_DIM 32
+    fi
     export_default NUM_LAYERS 2
     export_default MODEL_DIM 64
     export_default NUM_HEADS 4
@@ -173,8 +182,6 @@ smoke() {
     export_default EVAL_STRIDE 64
     export_default MAX_WALLCLOCK_SECONDS 0
     export_default TTT_CHUNK_TOKENS 4096
-    export_default ENGRAM_BUCKETS 512
-    export_default VE_DIM 32
     export_default GPTQ_CALIB_BATCHES 4
     export_default VAL_MAX_TOKENS 65536
 

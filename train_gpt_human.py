@@ -181,6 +181,7 @@ class Hyperparameters:
     ttt_lora_warm_a: int = 1  # 1 = A carries over to the next batch's document in its row (B restarts at zero)
     ttt_prefix_docs: int = 2500  # phased: the longest documents, in TTT_PHASES groups each followed by a global phase
     ttt_phases: int = 3
+    ttt_pause_ranks: int = 8  # phased: the phase boundaries fall where the record's queue on this many ranks pauses
     ttt_global_optimizer: str = "sgd"  # sgd or muon: the base weights' optimizer in the global phases
     ttt_global_lr: float = 1e-3
     eval_budget_seconds: float = 570.0
@@ -208,7 +209,7 @@ class Hyperparameters:
                     "eval_seq_len", "train_batch_tokens", "eval_stride", "eval_batch_seqs",
                     "engram_dim", "ttt_chunk_tokens", "ttt_batch_seqs", "muon_backend_steps",
                     "target_bytes", "gptq_block_size", "dist_timeout_seconds", "ttt_doc_chunk", "ttt_doc_batch",
-                    "ttt_lora_rank"]
+                    "ttt_lora_rank", "ttt_pause_ranks"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
@@ -2057,26 +2058,29 @@ def deal(batches, costs, world_size):
 
 
 def phase_segments(queue, batches, costs, hp):
-    """The queue cut after the batches that bring the documents scored to each phase boundary (the first
-    TTT_PREFIX_DOCS in TTT_PHASES equal parts; a global phase follows each of these segments), and the rest cut in
-    GUARD_POINTS parts of equal cost (checkpoints for the budget guard).  Returns (segments, phases)."""
+    """The queue cut into segments: one per global phase, then the rest in GUARD_POINTS parts of equal cost
+    (checkpoints for the budget guard).  A phase segment ends as the record's pauses do: TTT_PAUSE_RANKS ranks take
+    batches in queue order as they come free (time = cost) until the batches finished reach TTT_PREFIX_DOCS x k /
+    TTT_PHASES documents; the batches already started complete.  Decided on costs, not clocks: every rank, and any
+    number of ranks, computes the same phases.  Returns (segments, number of segments followed by a phase)."""
     bounds = [hp.ttt_prefix_docs * (k + 1) // hp.ttt_phases for k in range(hp.ttt_phases)]
-    segments, done, phases = [[]], 0, 0
-    for n, i in enumerate(queue):
-        if not bounds:  # past the phases: the tail of the queue in parts of equal cost
-            left = queue[n:]
-            cuts = list(itertools.accumulate(costs[j] for j in left))
-            parts = [[j for j, c in zip(left, cuts) if k * cuts[-1] < GUARD_POINTS * c <= (k + 1) * cuts[-1]]
-                     for k in range(GUARD_POINTS)]
-            return [seg for seg in segments + parts if seg], phases
-        segments[-1].append(i)
-        done += len(batches[i])
-        if done >= bounds[0]:
-            segments.append([])
-            phases += 1
-            while bounds and done >= bounds[0]:
-                bounds.pop(0)
-    segments = [seg for seg in segments if seg]
+    segments, rest, done = [], list(queue), 0
+    while bounds and rest:
+        free, finished, segment = [0] * hp.ttt_pause_ranks, [], []
+        while rest and done + sum(n for t, n in finished if t <= min(free)) < bounds[0]:
+            segment.append(rest.pop(0))
+            r = free.index(min(free))
+            free[r] += costs[segment[-1]]
+            finished.append((free[r], len(batches[segment[-1]])))
+        done += sum(n for _, n in finished)
+        segments.append(segment)
+        while bounds and done >= bounds[0]:
+            bounds.pop(0)
+    phases = len(segments)
+    cuts = list(itertools.accumulate(costs[i] for i in rest))
+    segments += [[i for i, c in zip(rest, cuts) if k * cuts[-1] < GUARD_POINTS * c <= (k + 1) * cuts[-1]]
+                 for k in range(GUARD_POINTS)]
+    segments = [segment for segment in segments if segment]
     return segments, min(phases, len(segments) - 1)  # no global phase after the last batch
 
 

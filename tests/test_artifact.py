@@ -40,7 +40,8 @@ def test_artifact_prints_the_same_losses_as_the_readable_script(tiny_env, tmp_pa
 
 
 @pytest.mark.slow
-def test_smoke_run_sh_runs_the_whole_pipeline(tmp_path):
+@pytest.mark.parametrize("preset", ["seed", "record"])
+def test_smoke_run_sh_runs_the_whole_pipeline(tmp_path, preset):
     require_shared()
     work = tmp_path / "repo"
     (work / "data").mkdir(parents=True)
@@ -49,7 +50,8 @@ def test_smoke_run_sh_runs_the_whole_pipeline(tmp_path):
     shutil.copy(REPO / "data" / "fineweb.py", work / "data" / "fineweb.py")
     env = dict(os.environ, SMOKE="1", SMOKE_DOCS=str(CORPUS), SMOKE_TOKENIZER=str(TOKENIZER_1024), SMOKE_MAX_DOCS="120",
                SMOKE_VAL_DOCS="20", ITERATIONS="12", VAL_MAX_TOKENS="8193", TTT_CHUNK_TOKENS="2048",
-               GPTQ_CALIB_BATCHES="2", EVAL_INT6_SLIDING="1", OMP_NUM_THREADS="1", PYTHON=sys.executable)
+               GPTQ_CALIB_BATCHES="2", EVAL_INT6_SLIDING="1", OMP_NUM_THREADS="1", PYTHON=sys.executable,
+               PRESET=preset)  # record: its default TTT (phased, 64 documents a batch, rank 80)
     proc = subprocess.run(["bash", "run.sh"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
@@ -59,6 +61,7 @@ def test_smoke_run_sh_runs_the_whole_pipeline(tmp_path):
         assert abs(bpb - pre[1]) < 0.2 * pre[1], (name, bpb, pre)
     total = int(re.search(r"Total submission size int6\+\w+: (\d+) bytes", out).group(1))
     assert 0 < total <= 16_000_000
+    assert ("batches_adapted:" if preset == "record" else "chunks_adapted:") in out
 
 
 def test_readme_settings_table_matches_the_script():

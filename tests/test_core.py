@@ -408,3 +408,18 @@ def test_script_missing_data_exits_with_error_line(tiny_env, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: no val shards match {empty}/fineweb_val_*.bin; set DATA_PATH or run `python3 data/fineweb.py download`"
     ], proc.stderr
+
+
+def test_hessian_collection_stops_at_the_training_cap(tiny_data, tmp_path):
+    """With no time left of the cap, one batch is collected (not GPTQ_CALIB_BATCHES) and normalised by its own tokens;
+    with time to spare, all of them."""
+    hp = tg.Hyperparameters.from_env(dict(TINY_ENV, DATA_PATH=str(tiny_data), GPTQ_CALIB_BATCHES="4"))
+    rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "log.txt"))
+    torch.manual_seed(0)
+    model = tg.GPT(hp)
+    short = tg.collect_hessians(model, hp, rt, budget_ms=0.0)
+    assert "gptq:hessians stopped at the training cap after 1/4 batches" in (tmp_path / "log.txt").read_text()
+    one = tg.collect_hessians(model, tg.dataclasses.replace(hp, gptq_calib_batches=1), rt)
+    assert all(torch.allclose(short[k], one[k]) for k in one)  # the same first batch, the same normalisation
+    full = tg.collect_hessians(model, hp, rt, budget_ms=1e9)
+    assert not torch.allclose(full["attn_in.0"], one["attn_in.0"])

@@ -36,7 +36,7 @@ LENGTHS = list(range(46, 18, -2))
 GROUPS = [LENGTHS[:4], LENGTHS[4:8], LENGTHS[8:]]
 RANGE = 340  # group g's tokens (BOS aside) use ids [2 + g * RANGE, 2 + (g + 1) * RANGE): an id names its group
 PHASED = dict(TTT_MODE="phased", TTT_DOC_CHUNK=8, TTT_DOC_BATCH=2, TTT_PREFIX_DOCS=8, TTT_PHASES=2, EVAL_SEQ_LEN=32,
-              EVAL_STRIDE=16, TTT_CHUNK_TOKENS=64, TTT_BATCH_SEQS=2, TTT_LORA_LR=0.01)
+              EVAL_STRIDE=16, TTT_CHUNK_TOKENS=64, TTT_BATCH_SEQS=2, TTT_LORA_LR=0.01, TTT_PAUSE_RANKS=1)
 RECORD = dict(PRESET="record", NUM_LAYERS=4, LOOP_START=1, LOOP_END=2, PARALLEL_START=3, ENGRAM_BUCKETS=0, VE_DIM=0)
 
 
@@ -242,6 +242,24 @@ def test_fresh_adapters_score_each_document_in_its_own_context(monkeypatch, tmp_
         for b, e in spans.values():
             alone = model(tokens[None, b:e], tokens[None, b + 1:e + 1], reduction="none").double()
             assert torch.allclose(rec.scores[b:e], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_phase_boundaries_follow_the_records_queue_on_n_ranks():
+    """Batches (index: lengths) 0: 20, 22 ... 6: 44, 46 cost 96 ... 288 row-tokens and are queued longest first.  On
+    2 ranks, the record's queue pauses for phase 1 (4 documents) once batches 6 and 5 are done (at cost-time 288),
+    having started batch 4 too; for phase 2 (8) after batch 3 of 3 and 2.  The rest is cut for the budget guard."""
+    tokens, _ = documents()
+    hp = make_hp(TTT_PAUSE_RANKS=2)
+    docs = sorted(tg.split_documents(tokens), key=lambda d: d[1] - d[0])
+    batches = [docs[i:i + 2] for i in range(0, 14, 2)]
+    costs = [tg.doc_batch_cost(b, hp) for b in batches]
+    segments, phases = tg.phase_segments([6, 5, 4, 3, 2, 1, 0], batches, costs, hp)
+    assert (segments, phases) == ([[6, 5, 4], [3, 2], [1], [0]], 2)
+    lengths = [sorted(e - b for b, e in tg.phase_docs(segments, batches, k, hp)) for k in range(2)]
+    assert lengths == [[36, 38, 40, 42], list(range(28, 43, 2))]  # the shortest of the documents scored by then
+    one_rank = tg.phase_segments([6, 5, 4, 3, 2, 1, 0], batches, costs, make_hp())
+    assert one_rank == ([[6, 5], [4, 3], [2], [1], [0]], 2)  # TTT_PAUSE_RANKS=1: exactly at the boundaries
+    assert tg.deal([6, 5, 4, 3, 2], costs, 2) == [[6, 3, 2], [5, 4]]  # loads 288+192+160 and 256+224
 
 
 def run_on_a_fake_clock(monkeypatch, tmp_path, seconds_per_row_token, budget, world_size=1, rank=0):

@@ -8,7 +8,8 @@
 #   PREFLIGHT_ONLY=1 bash run.sh
 #                               GPU checks only
 #
-# Settings (environment): PRESET=seed|record (passed to the trainer; record defaults VARIANT to sp8192),
+# Settings (environment): PRESET=seed|record (passed to the trainer; record defaults VARIANT to sp8192_caseops
+# when that data is already in data/datasets, else to sp8192),
 # VARIANT=sp1024|sp8192|sp8192_caseops (data/tokenizer family, default sp1024; sp8192_caseops is the
 # lossless-case export with its validation byte sidecar fineweb_val_bytes_*.bin),
 # DATA_CHECK (default 1: before training, `data/fineweb.py check` validates every shard and stops the run
@@ -27,7 +28,14 @@ ROOT=$(pwd)
 PYTHON_GIVEN=${PYTHON:+1}
 PYTHON=${PYTHON:-python3}
 PRESET=${PRESET:-seed}
-if [[ $PRESET == record ]]; then VARIANT=${VARIANT:-sp8192}; else VARIANT=${VARIANT:-sp1024}; fi
+CASEOPS_DIR=./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved
+if [[ $PRESET != record ]]; then
+    VARIANT=${VARIANT:-sp1024}
+elif [[ -z ${VARIANT:-} ]] && compgen -G "$CASEOPS_DIR/fineweb_val_bytes_*.bin" >/dev/null; then
+    VARIANT=sp8192_caseops # the record's data, when it is here (download it with VARIANT=sp8192_caseops)
+else
+    VARIANT=${VARIANT:-sp8192}
+fi
 TRAIN_SHARDS=${TRAIN_SHARDS:-80}
 MIN_FREE_MB=${MIN_FREE_MB:-2048}
 SHARD_MB=200 # one challenge train shard: 100M uint16 tokens

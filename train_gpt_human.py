@@ -320,7 +320,8 @@ def check_unknown_env(env, names):
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS, BOS_ID = 20240520, 1, 256, 1
 
 
-def load_shard(path, vocab_size):
+def read_shard(path):
+    """The uint16 values of a challenge-format file (token shards and the CaseOps byte sidecar), header checked."""
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header.size != HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
         raise ConfigError(f"{path}: not a challenge shard (bad magic/version); rebuild it with data/fineweb.py")
@@ -331,7 +332,11 @@ def load_shard(path, vocab_size):
                           f"(truncated or corrupt); download it again")
     if n_tokens == 0:
         raise ConfigError(f"{path}: shard holds no tokens; rebuild it with data/fineweb.py")
-    tokens = np.fromfile(path, dtype="<u2", count=n_tokens, offset=HEADER_INTS * 4)
+    return np.fromfile(path, dtype="<u2", count=n_tokens, offset=HEADER_INTS * 4)
+
+
+def load_shard(path, vocab_size):
+    tokens = read_shard(path)
     if int(tokens.max()) >= vocab_size:
         raise ConfigError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}; "
                           f"the shards and VOCAB_SIZE/TOKENIZER_PATH do not match")
@@ -409,6 +414,25 @@ def device_batch(x, y, device, max_len=0):
     return x, y, document_block_mask(seg) if ATTENTION["kernel"] == "flex" else (cu, max_len)
 
 
+def load_val_bytes(hp, n_tokens):
+    """CaseOps data: the byte sidecar fineweb_val_bytes_*.bin (per validation token, the UTF-8 bytes of the original
+    text it stands for; 0 for BOS and the case operators) as an int16 tensor, or None when DATA_PATH has none."""
+    files = sorted(glob.glob(os.path.join(hp.data_path, "fineweb_val_bytes_[0-9]*.bin")))
+    shards = shard_files(hp.data_path, "val")
+    if not files:
+        return None
+    if len(files) != len(shards):
+        raise ConfigError(f"{len(files)} byte sidecars for {len(shards)} validation shards in {hp.data_path}; "
+                          f"download the data again or rebuild it with data/fineweb.py build --caseops")
+    counts = []
+    for path, shard in zip(files, shards):
+        counts.append(read_shard(path))
+        if len(counts[-1]) != len(read_shard(shard)):
+            raise ConfigError(f"{path}: {len(counts[-1])} byte counts for the {len(read_shard(shard))} tokens of "
+                              f"{shard}; download the data again or rebuild it with data/fineweb.py build --caseops")
+    return torch.from_numpy(np.concatenate(counts)[:n_tokens].astype(np.int16))
+
+
 def load_val_tokens(hp):
     tokens = torch.cat([load_shard(f, hp.vocab_size) for f in shard_files(hp.data_path, "val")]).long()
     if hp.val_max_tokens:
@@ -456,8 +480,18 @@ def build_byte_luts(sp, vocab_size):
 
 
 def token_bytes(luts, prev_ids, tgt_ids):
-    base, space, boundary = (t.to(tgt_ids.device) for t in luts)
+    base, space, boundary = (t.to(tgt_ids.device) for t in luts[:3])
     return base[tgt_ids] + (space[tgt_ids] & ~boundary[prev_ids]).long()
+
+
+def target_bytes(luts, x, y, windows):
+    """Bytes of each target (rows of windows (start, length, score_from) over the validation stream): with CaseOps
+    data the sidecar's count at the target's position (luts[3]), else the tokenizer tables' rule."""
+    if len(luts) < 4 or luts[3] is None:
+        return token_bytes(luts, x, y)
+    starts = torch.tensor([w[0] for w in windows] + [0] * (len(x) - len(windows)), device=y.device)
+    at = (starts[:, None] + 1 + torch.arange(y.size(1), device=y.device)).clamp(max=len(luts[3]) - 1)
+    return luts[3].to(y.device)[at].long()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1299,7 +1333,7 @@ def score_windows(model, tokens, windows, hp, rt, luts, counts=None):
 def add_scores(totals, nll, x, y, mask, windows, luts, counts=None):
     """Adds the masked predictions' (NLL, count, bytes) to the float64 totals; `counts` (tests) counts per
     prediction how often it was scored."""
-    nbytes = token_bytes(luts, x, y).double()
+    nbytes = target_bytes(luts, x, y, windows).double()
     totals += torch.stack([(nll * mask).sum(), mask.sum().double(), (nbytes * mask).sum()])
     if counts is not None:
         for start, length, score_from in windows:
@@ -2209,9 +2243,13 @@ def main():
            f"flash_builds:{','.join(FLASH) or 'none'}")
     torch.manual_seed(hp.seed)
     np.random.seed(hp.seed)
-    luts = build_byte_luts(load_tokenizer(hp), hp.vocab_size)
     val_tokens = load_val_tokens(hp)
-    rt.log(f"val_tokens:{len(val_tokens)}")
+    sidecar = load_val_bytes(hp, len(val_tokens))  # byte tables and sidecar live on the device: no copy per batch
+    luts = tuple(t.to(rt.device) for t in build_byte_luts(load_tokenizer(hp), hp.vocab_size))
+    luts += (None if sidecar is None else sidecar.to(rt.device),)
+    rt.log(f"val_tokens:{len(val_tokens)} val_docs:{int((val_tokens == BOS_ID).sum())} "
+           f"train_shards:{len(shard_files(hp.data_path, 'train'))} "
+           f"bytes:{'sidecar' if sidecar is not None else 'tokenizer'}")
     model = GPT(hp).to(rt.device)
     rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     if hp.load_snapshot:

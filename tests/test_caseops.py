@@ -417,6 +417,10 @@ def test_run_sh_caseops_variant_and_leak_guard(tmp_path):
     assert f"DATA_PATH=./data/datasets/{DATASET}" in line and "VOCAB_SIZE=8192" in line
     assert "TOKENIZER_PATH=./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model" in line
     assert (repo / "data" / "datasets" / DATASET / "fineweb_val_bytes_000000.bin").is_file()
+    # PRESET=record takes the CaseOps data when it is here, without being told (and the plain sp8192 data otherwise)
+    r = run(repo / "run.sh", bindir, **dict(env, VARIANT="", PRESET="record"))
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("FAKE_TORCHRUN"))
+    assert r.returncode == 0 and f"DATA_PATH=./data/datasets/{DATASET}" in line, r.stdout + r.stderr
 
     # a train shard holding validation documents: the run stops before training
     ds = repo / "data" / "datasets" / DATASET

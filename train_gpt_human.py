@@ -6,6 +6,7 @@ quantization/packing -> eval -> test-time training -> main().  Every setting is 
 (see README.md).  Runs as `python3 train_gpt_human.py` or under `torchrun`, on CPU (float32, gloo) or CUDA
 (bf16, torch.compile, FlashAttention 3 or 4 when importable, else flex_attention / SDPA, NCCL).
 """
+import concurrent.futures
 import copy
 import dataclasses
 import datetime
@@ -352,18 +353,23 @@ def shard_files(data_path, split):
 
 
 class TokenStream:
-    """Reads the training shards in order, forever, handing out contiguous spans."""
+    """Reads the training shards in order, forever, handing out contiguous spans.  The next shard loads (and is
+    checked) on a background thread while this one is read, off the training step's critical path."""
 
     def __init__(self, files, vocab_size):
         self.files, self.vocab_size, self.index = files, vocab_size, 0
         self.tokens, self.pos = load_shard(files[0], vocab_size), 0
+        self.loader = concurrent.futures.ThreadPoolExecutor(1)
+        self.next = self.loader.submit(load_shard, files[1 % len(files)], vocab_size)
 
     def take(self, n):
         parts = []
         while n > 0:
             if self.pos == len(self.tokens):
                 self.index = (self.index + 1) % len(self.files)
-                self.tokens, self.pos = load_shard(self.files[self.index], self.vocab_size), 0
+                self.tokens, self.pos = self.next.result(), 0
+                self.next = self.loader.submit(load_shard, self.files[(self.index + 1) % len(self.files)],
+                                               self.vocab_size)
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k

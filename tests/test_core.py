@@ -423,3 +423,24 @@ def test_hessian_collection_stops_at_the_training_cap(tiny_data, tmp_path):
     assert all(torch.allclose(short[k], one[k]) for k in one)  # the same first batch, the same normalisation
     full = tg.collect_hessians(model, hp, rt, budget_ms=1e9)
     assert not torch.allclose(full["attn_in.0"], one["attn_in.0"])
+
+
+def test_token_stream_prefetches_the_next_shard(tmp_path):
+    """Shards are read in order, forever; the next one is already loading while this one is read, and a bad shard
+    is reported when the stream reaches it, naming the file."""
+    import fineweb
+
+    parts = [np.arange(i * 100, i * 100 + n, dtype=np.uint16) % 1000 for i, n in enumerate((50, 30, 70))]
+    files = []
+    for i, part in enumerate(parts):
+        files.append(str(tmp_path / f"fineweb_train_{i:06d}.bin"))
+        fineweb.write_shard(files[-1], part)
+    stream = tg.TokenStream(files, 1024)
+    assert stream.next.result() is not None and torch.equal(stream.next.result(), torch.from_numpy(parts[1]).int())
+    whole = np.concatenate(parts * 2)
+    assert torch.equal(torch.cat([stream.take(40) for _ in range(7)]), torch.from_numpy(whole[:280]).int())
+    fineweb.write_shard(files[1], np.full(10, 2000, dtype=np.uint16))  # an id past VOCAB_SIZE
+    stream = tg.TokenStream(files, 1024)
+    stream.take(50)
+    with pytest.raises(tg.ConfigError, match="fineweb_train_000001.bin: token id 2000 >= VOCAB_SIZE=1024"):
+        stream.take(1)

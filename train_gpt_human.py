@@ -417,6 +417,7 @@ def device_batch(x, y, device, max_len=0):
     if segments is None:
         return x, y, None
     seg, cu = (t.to(device, non_blocking=True) for t in segments)
+    torch._dynamo.mark_dynamic(cu, 0)  # its length varies by multiples of 64: one compiled graph for all of them
     return x, y, document_block_mask(seg) if ATTENTION["kernel"] == "flex" else (cu, max_len)
 
 
@@ -635,6 +636,7 @@ def sdpa_causal(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1)).transpose(1, 2)
 
 
+@torch.compiler.disable  # data-dependent segments: a clean graph break instead of a recompile per segment length
 def sdpa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
     """FlashAttention's varlen call on SDPA, one segment at a time: the CPU kernel (flex has no backward on CPU)."""
     bounds = cu_seqlens_q.tolist()
@@ -1660,20 +1662,29 @@ def sdclip_plan(targets, others, hessians, hp, budget, rt):
     def entropy(entries):
         return sum(code_entropy_bytes(e[4], e[2]) for e in entries)
 
+    bounds = (0.25, 4.0)  # the factors searched: the finest and the coarsest codes allowed
+
     def factor_for(limit):  # a larger factor clips less and rounds coarser: fewer bytes
-        lo, hi = 0.25, 4.0
+        lo, hi = bounds
         for _ in range(12):
             mid = (lo * hi) ** 0.5
             lo, hi = (lo, mid) if entropy(coded(mid)) <= limit else (mid, hi)
-        return hi
+        return hi, lo == bounds[0] or hi == bounds[1]  # the factor; whether the search ran into a bound
 
     others_bytes = len(compress_bytes(serialize(others), fast=True))
-    factor = factor_for(budget - others_bytes)
+    factor, _ = factor_for(budget - others_bytes)
     entries = coded(factor)  # calibrated once with the real compressor on the whole artifact (slices mislead it)
     compressor = len(compress_bytes(serialize(others + entries))) / (others_bytes + entropy(entries))
     sample = slice(None, None, 16)
     spread = entropy(coded(factor, sample, gptq=True)) / entropy(coded(factor, sample))
-    factor = factor_for((budget / compressor - others_bytes) / spread)
+    factor, at_bound = factor_for((budget / compressor - others_bytes) / spread)
+    if at_bound:  # the estimate at the factor used, in bytes of the whole artifact
+        estimate = compressor * (others_bytes + spread * entropy(coded(factor)))
+        coarsest = factor == bounds[1]
+        rt.log(f"quant:warning sdclip factor:{factor:.3f} bound:{bounds[coarsest]} estimate:{estimate:.0f} "
+               f"budget:{budget:.0f} " + ("even the coarsest codes exceed the budget: pruning makes up the rest "
+                                          "(set EMBED_BITS or lower MATRIX_BITS)" if coarsest else
+                                          "the finest codes allowed leave the budget unused (raise MATRIX_BITS)"))
     rt.log(f"quant:sdclip factor:{factor:.3f} calibration:{compressor:.4f} gptq_spread:{spread:.4f} "
            f"budget:{budget:.0f} bits:{hp.matrix_bits} embed_bits:{hp.embed_bits}")
     return bits, [factor * k for k in base]

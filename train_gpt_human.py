@@ -2182,7 +2182,7 @@ def eval_ttt_phased(model, tokens, hp, rt, luts, eval_start, counts=None):
         mine, rest = dealt[rt.rank][:keeps[rt.rank]], rest + dealt[rt.rank][keeps[rt.rank]:]
         stopped = stopped or any(k < len(d) for k, d in zip(keeps, dealt))
         if g <= phases:  # fresh adapters, with a fresh A, at the start and after every global phase
-            lora = LoRA(base, hp.ttt_doc_batch, hp.ttt_lora_rank, hp.seed + g)
+            lora = LoRA(base, max(map(len, batches)), hp.ttt_lora_rank, hp.seed + g)
         base.lora = lora
         model.train()
         t0 = time.perf_counter()
@@ -2352,7 +2352,7 @@ def warm_up_ttt(model, hp, rt, luts):
     base = getattr(model, "_orig_mod", model)
     saved = copy.deepcopy(base.state_dict())
     n = hp.eval_seq_len + hp.ttt_doc_chunk
-    tokens = torch.randint(2, hp.vocab_size, (max(2 * n, hp.ttt_chunk_tokens + 1) + 1,),
+    tokens = torch.randint(2, hp.vocab_size, (2 * n + 1 if hp.ttt_mode == "phased" else 2 * hp.ttt_chunk_tokens + 1,),
                            generator=torch.Generator().manual_seed(hp.seed))
     tokens[0] = tokens[n] = BOS_ID
     eval_ttt(model, tokens, dataclasses.replace(hp, ttt_doc_batch=1, ttt_prefix_docs=1, ttt_phases=1,

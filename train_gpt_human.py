@@ -528,9 +528,6 @@ def fake_quantized(w):
     return (floor + torch.sigmoid(BankLinear.qat_alpha * (scaled - floor - 0.5))) * scale
 
 
-PROJECTIONS = ("q", "k", "v", "o", "up", "down")  # a block's bank matrices
-
-
 class BankLinear(nn.Module):
     """x @ W.T for a weight that lives in a parameter bank.  A module of its own so that Hessian collection
     can hook its inputs, and late QAT can swap in the fake-quantized weight."""
@@ -538,10 +535,6 @@ class BankLinear(nn.Module):
     qat_enabled = False  # class-wide switch (one recompile); the sharpness is a tensor so it can change freely
     qat_alpha = torch.ones(())
     qat_bits = 5
-
-    def __init__(self, name):
-        super().__init__()
-        self.name = name
 
     def forward(self, x, weight):
         return F.linear(x, fake_quantized(weight).to(x.dtype))
@@ -676,7 +669,7 @@ class Block(nn.Module):
         dim = hp.model_dim
         self.layer, self.use_xsa, self.use_ve = layer, use_xsa, use_ve
         self.num_heads, self.num_kv_heads, self.head_dim = hp.num_heads, hp.num_kv_heads, dim // hp.num_heads
-        self.q, self.k, self.v, self.o, self.up, self.down = (BankLinear(name) for name in PROJECTIONS)
+        self.q, self.k, self.v, self.o, self.up, self.down = (BankLinear() for _ in range(6))
         self.rotary = Rotary(hp.rope_dims, hp.rope_base, hp.rope_ntk_len)
         self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
         self.attn_scale = nn.Parameter(torch.ones(dim))

@@ -2181,6 +2181,7 @@ def eval_ttt_phased(model, tokens, hp, rt, luts, eval_start, counts=None):
         t0 = time.perf_counter()
         for i in mine:  # A's draws are seeded by batch, so that the deal to ranks changes nothing without the warm A
             totals += score_doc_batch(model, lora, tokens, batches[i], hp, rt, luts, counts, hp.seed + 1000 * (i + 1))
+        rt.sync()  # the GPU's time, not the host's
         measured[:2] += torch.tensor([time.perf_counter() - t0, sum(costs[i] for i in mine)], device=rt.device)
         adapted += len(mine)
         base.lora = None
@@ -2188,6 +2189,7 @@ def eval_ttt_phased(model, tokens, hp, rt, luts, eval_start, counts=None):
         if phase:
             t0 = time.perf_counter()
             global_phase(model, tokens, phase, hp, rt)
+            rt.sync()
             measured[2:] += torch.tensor([time.perf_counter() - t0, sum(e - b for b, e in phase)], device=rt.device)
         rt.log(f"ttt:segment {g + 1}/{len(segments)} batches:{len(segment)} adapted_here:{len(mine)} "
                f"time:{time.perf_counter() - eval_start:.1f}s")

@@ -140,7 +140,7 @@ class Hyperparameters:
     gptq_reserve_ms: float = 12000.0
     gptq_block_size: int = 128
     gptq_damp: float = 0.01
-    quant_mode: str = "mixed"  # mixed: int5..7 by sensitivity, clip-searched scales; sdclip: k*std(row) scales
+    quant_mode: str = "sdclip"  # sdclip: k*std(row) scales sized to fit; mixed: int5..7 by sensitivity + pruning
     quant_base_bits: int = 5
     quant_max_bits: int = 7
     matrix_bits: int = 6  # sdclip: bits of every bank matrix
@@ -290,7 +290,7 @@ PRESETS = {
         muon_variant="eqr", muon_backend_steps=5, muon_momentum=0.97, matrix_lr=0.026, muon_wd=0.095, embed_beta1=0.9,
         adam_beta2=0.99, tied_embed_lr=0.03, embed_wd=0.085, scalar_lr=0.02, adam_wd=0.02, warmdown_frac=0.85,
         lr_floor=0.10, ema_decay=0.9965, swa_every=0, qat_threshold=0.0, gptq_reserve_ms=8000.0, gptq_calib_batches=16,
-        quant_mode="sdclip", embed_bits=7,
+        embed_bits=7,
         ttt_mode="phased"),
 }
 
@@ -1675,7 +1675,7 @@ def sdclip_plan(targets, others, hessians, hp, budget, rt):
         estimate = compressor * (others_bytes + spread * entropy(coded(factor)))
         coarsest = factor == bounds[1]
         rt.log(f"quant:warning sdclip factor:{factor:.3f} bound:{bounds[coarsest]} estimate:{estimate:.0f} "
-               f"budget:{budget:.0f} " + ("even the coarsest codes exceed the budget: pruning makes up the rest "
+               f"budget:{budget:.0f} " + ("even the coarsest codes exceed the budget; pruning makes up the rest "
                                           "(set EMBED_BITS or lower MATRIX_BITS)" if coarsest else
                                           "the finest codes allowed leave the budget unused (raise MATRIX_BITS)"))
     rt.log(f"quant:sdclip factor:{factor:.3f} calibration:{compressor:.4f} gptq_spread:{spread:.4f} "
@@ -1824,7 +1824,7 @@ def prune_to_fit(entries, costs, hp, rt, budget, prune=True):
         fit = (len(order), real) if len(real) <= budget else None
     if fit is None:
         raise ConfigError(f"artifact {len(real)} bytes exceeds the budget {budget} even after pruning every "
-                          f"candidate; lower QUANT_BASE_BITS or the model size")
+                          f"candidate; lower MATRIX_BITS (sdclip) or QUANT_BASE_BITS (mixed), or the model size")
     pruned, real = fit
     rt.log(f"quant:pruning candidates:{len(order)} pruned:{pruned} bytes:{len(real)} budget:{budget} "
            f"full_passes:{len(ratios)}")

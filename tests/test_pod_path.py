@@ -63,7 +63,7 @@ REHEARSAL_ENV = {
     "TRAIN_LOG_EVERY": "10",
 }
 FINAL_LINES = ["weights_sha256 ", "compile:train graphs:", "gptq:hessians ", "final_prequant_exact val_loss:",
-               "quant:allocation ", "Serialized model int6+brotli: ", "Code size: ",
+               "quant:sdclip ", "Serialized model int6+brotli: ", "Code size: ",
                "Total submission size int6+brotli: ",
                "final_int6_roundtrip_exact val_loss:", "ttt:start chunks:100 ", "final_int6_ttt_exact val_loss:",
                "compile:eval graphs:", "eval_phase_time:"]

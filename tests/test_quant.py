@@ -1,10 +1,13 @@
-"""The compression stage: GPTQ, mixed int5/6/7 allocation, selective pruning, packing and the artifact format.
+"""The compression stage: GPTQ, SDClip sizing (the default) and the mixed int5/6/7 allocation, selective pruning,
+packing and the artifact format.
 
 - packing is exact (codes, fp16 scales, passthrough tensors), load_artifact rebuilds the dequantized model, and a
   damaged artifact (flipped byte anywhere, truncation) is a ValueError, never silently different weights;
 - GPTQ beats round-to-nearest on the layer-output error ||(W - W_hat) X|| with real activations, at int5/6/7;
-- the seed-size model (default Hyperparameters, 30.7M parameters) lands in [15.9 MB, 16 MB] total, a lower
-  TARGET_BYTES is honoured, an impossible one is a ConfigError;
+- SDClip sizing fits without pruning and says so in the log when its factor search ends on a bound; the default
+  packs without pruning where `mixed` must prune most small codes;
+- the seed-size model (default Hyperparameters, 30.7M parameters) lands in [15.9 MB, 16 MB] total with nothing
+  pruned, a lower TARGET_BYTES is honoured, an impossible one is a ConfigError;
 - a tiny end-to-end run: roundtrip bpb close to prequant and equal to an eval of the artifact it wrote; the lzma
   fallback when brotli is missing; SNAPSHOT_POST_HESSIAN / LOAD_SNAPSHOT reproduce the roundtrip numbers.
 
@@ -167,7 +170,8 @@ def test_load_artifact_rebuilds_the_dequantized_model(trained, monkeypatch):
     for name, t in loaded.items():
         assert torch.equal(t, expected[name].view_as(t)), name
         err = (t - original[name].float()).norm() / original[name].float().norm().clamp_min(1e-12)
-        assert err < 0.05, (name, float(err))  # and it is the model's weights, not just any weights
+        assert err < 0.08, (name, float(err))  # the model's weights, not any weights: measured <= 0.053 (int6 at
+        # SDClip's finest factor, the budget being loose; any other weights would be ~1.4 away)
     bits = {e[2] for e in spy.entries if e[0].split("#")[0] in tg.BANKS}
     assert bits <= {5, 6, 7}
 
@@ -320,15 +324,56 @@ def test_lqer_lowers_the_error_of_the_tensors_it_touches(trained):
 
 def test_sdclip_sizing_fits_without_pruning_and_uses_the_budget(trained, tmp_path):
     hp = dataclasses.replace(trained.hp, quant_mode="sdclip", embed_bits=8)
-    rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "log.txt"))
+    rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "finest.txt"))
     natural = len(tg.quantize_model(trained.model(), trained.hessians, hp, rt, 0))  # far under 16 MB: finest codes
     assert float(log_fields(rt.log_path, "quant:sdclip")["factor"]) == 0.25  # the finest the search allows
+    warning = log_fields(rt.log_path, "quant:warning")  # and the log says that the search stopped there
+    assert (warning["factor"], warning["bound"]) == ("0.250", "0.25")
+    assert abs(float(warning["estimate"]) - natural) < 0.01 * natural < 0.5 * float(warning["budget"])
     target = int(0.6 * natural)
+    rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "sized.txt"))
     blob = tg.quantize_model(trained.model(), trained.hessians, dataclasses.replace(hp, target_bytes=target), rt, 0)
     prune = log_fields(rt.log_path, "quant:pruning")
     print(f"\nsdclip at 60% of the finest size: {len(blob)} of {target} bytes; {prune}")
     assert int(prune["pruned"]) == 0 and int(prune["full_passes"]) == 1
     assert 0.97 * target <= len(blob) <= target
+    assert "quant:warning" not in open(rt.log_path).read()  # a factor inside the bounds: nothing to say
+
+
+def test_sdclip_says_so_when_even_the_coarsest_codes_exceed_the_budget(trained, tmp_path):
+    """With the int8 embedding table fixed, a budget below the coarsest SDClip codes: the factor search ends on its
+    upper bound, the log says so with the estimate against the budget, and pruning makes up the rest."""
+    hp = dataclasses.replace(trained.hp, quant_mode="sdclip", embed_bits=0)
+    rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "finest.txt"))
+    target = int(0.64 * len(tg.quantize_model(trained.model(), trained.hessians, hp, rt, 0)))
+    rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "coarsest.txt"))
+    blob = tg.quantize_model(trained.model(), trained.hessians, dataclasses.replace(hp, target_bytes=target), rt, 0)
+    warning, prune = log_fields(rt.log_path, "quant:warning"), log_fields(rt.log_path, "quant:pruning")
+    print(f"\nsdclip below the coarsest codes: {warning}; {prune}")
+    assert (warning["factor"], warning["bound"]) == ("4.000", "4.0")
+    assert float(warning["budget"]) < target < float(warning["estimate"]) < 1.2 * target  # measured 319 k vs 298 k
+    assert "even the coarsest codes exceed the budget" in open(rt.log_path).read()
+    assert int(prune["pruned"]) > 0 and len(blob) <= target
+
+
+def test_default_packs_without_pruning_where_mixed_must_prune(trained, tmp_path):
+    """Issue #22: at the seed's shipping ratio `mixed` pruned 572 k codes and cost +0.0127 bpb where every sdclip
+    variant stayed within 0.001 (README, Results), so both presets pack with QUANT_MODE=sdclip.  On the small model:
+    at a budget where `mixed` prunes most of its small codes, the default prunes none, in one brotli-11 pass."""
+    assert tg.Hyperparameters().quant_mode == tg.Hyperparameters.from_env({"PRESET": "record"}).quant_mode == "sdclip"
+    mixed = dataclasses.replace(trained.hp, quant_mode="mixed")
+    rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "natural.txt"))
+    target = int(0.8 * len(tg.quantize_model(trained.model(), trained.hessians, mixed, rt, 0)))  # int7 everywhere
+    sizes, prunes = {}, {}
+    for name, hp in (("mixed", mixed), ("default", trained.hp)):
+        rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / f"{name}.txt"))
+        hp = dataclasses.replace(hp, target_bytes=target)
+        sizes[name] = len(tg.quantize_model(trained.model(), trained.hessians, hp, rt, 0))
+        prunes[name] = log_fields(rt.log_path, "quant:pruning")
+    print(f"\nat {target} bytes: {sizes}; {prunes}")
+    assert int(prunes["mixed"]["pruned"]) > 0.5 * int(prunes["mixed"]["candidates"])  # measured 0.8
+    assert (prunes["default"]["pruned"], prunes["default"]["full_passes"]) == ("0", "1")
+    assert 0.99 * target <= sizes["default"] <= target
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -382,12 +427,14 @@ def pack_full_size(hp, data_path, tmp_path):
 
 @pytest.mark.slow
 def test_seed_size_model_lands_just_under_16mb(tiny_data, tmp_path):
-    hp = tg.Hyperparameters()  # the seed config: 11 x 512, int5..7, TARGET_BYTES=16,000,000
-    assert hp.target_bytes == 16_000_000
+    hp = tg.Hyperparameters()  # the seed config: 11 x 512, SDClip int6, TARGET_BYTES=16,000,000
+    assert hp.target_bytes == 16_000_000 and hp.quant_mode == "sdclip"
     model, hessians, blob, n_params = pack_full_size(hp, tiny_data, tmp_path)
     assert 30_000_000 < n_params < 31_500_000
     assert 15_900_000 <= len(blob) + CODE_BYTES <= 16_000_000
-    assert int(log_fields(tmp_path / "log.txt", "quant:pruning")["full_passes"]) <= 3  # measured 3 (700 k pruned)
+    prune = log_fields(tmp_path / "log.txt", "quant:pruning")
+    assert (prune["pruned"], prune["full_passes"]) == ("0", "1")  # QUANT_MODE=mixed: 732 k pruned, 3 passes
+    assert "quant:warning" not in (tmp_path / "log.txt").read_text()  # measured factor 0.715: inside the bounds
     loaded = tg.load_artifact(blob, hp, torch.device("cpu"))
     rel = []  # relative layer-output error trace(D H D^T) / trace(W H W^T) of every matrix
     for bank, idx, key, _ in tg.bank_matrices(hp.num_layers):
@@ -395,7 +442,7 @@ def test_seed_size_model_lands_just_under_16mb(tiny_data, tmp_path):
         D = W_hat - W
         rel.append(float(((D @ H) * D).sum() / ((W @ H) * W).sum()))
     print(f"relative output error per matrix: {min(rel):.4f}..{max(rel):.4f}")
-    assert max(rel) < 0.02  # measured 0.0004..0.006
+    assert max(rel) < 0.008  # measured 0.0015..0.0050 (QUANT_MODE=mixed: 0.0004..0.0103)
 
 
 @pytest.mark.slow
@@ -412,9 +459,9 @@ def test_record_size_model_fits_16mb(tiny_data, tmp_path):
 
 
 def reduced_model(seed=0):
-    """Full width, fewer layers and buckets: the same packing path at a tenth of the size."""
+    """Full width, fewer layers and buckets, `mixed`: its allocation and pruning at a tenth of the size."""
     hp = dataclasses.replace(tg.Hyperparameters(), num_layers=2, model_dim=256, num_heads=4, num_kv_heads=2,
-                             engram_buckets=1024, ve_dim=64)
+                             engram_buckets=1024, ve_dim=64, quant_mode="mixed")
     torch.manual_seed(seed)
     model = tg.GPT(hp)
     perturb_like_trained(model, seed)
@@ -557,9 +604,10 @@ def test_benchmark_report(trained, monkeypatch):
         results[label] = (len(blob), trained.bpb(tg.load_artifact(blob, hp, torch.device("cpu"))) - pre)
         return blob
 
-    run("rtn int6", trained.hp, 6, rtn=True)
-    int6 = run("gptq int6", trained.hp, 6)
-    run("mixed @ int6 bytes", dataclasses.replace(trained.hp, target_bytes=len(int6)))
+    mixed = dataclasses.replace(trained.hp, quant_mode="mixed")  # uniform_bits replaces its allocation
+    run("rtn int6", mixed, 6, rtn=True)
+    int6 = run("gptq int6", mixed, 6)
+    run("mixed @ int6 bytes", dataclasses.replace(mixed, target_bytes=len(int6)))
     print(f"\nquantization gap on the small trained model (prequant {pre:.5f} bpb):")
     for label, (size, gap) in results.items():
         print(f"  {label:20s} {size:8d} bytes  gap {gap:+.5f} bpb")

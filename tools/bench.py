@@ -331,10 +331,11 @@ def bench_compress(model, hp, rt, args, sync, code_bytes):
     hessians = box["hessians"]
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     mats = tg.bank_matrices(hp.num_layers)
+    bits = hp.matrix_bits if hp.quant_mode == "sdclip" else hp.quant_base_bits  # the width the packer will use
 
     def gptq_all():
         box["fallbacks"] = sum(
-            tg.gptq_quantize(state[bank][idx], hessians[key], hp.quant_base_bits, hp.gptq_block_size,
+            tg.gptq_quantize(state[bank][idx], hessians[key], bits, hp.gptq_block_size,
                              hp.gptq_damp) is None for bank, idx, key, _ in mats)
 
     gptq_s = timed(gptq_all, repeats, sync)
@@ -368,7 +369,7 @@ def bench_compress(model, hp, rt, args, sync, code_bytes):
     blob = box.get("blob")
     out = {
         "calib_batches": hp.gptq_calib_batches, "hessian_s": hessian_s, "matrices": len(mats),
-        "gptq_bits": hp.quant_base_bits, "gptq_s": gptq_s, "gptq_cholesky_fallbacks": box["fallbacks"],
+        "gptq_bits": bits, "gptq_s": gptq_s, "gptq_cholesky_fallbacks": box["fallbacks"],
         "quantize_model_s": total_s,
         "allocate_bits_s": statistics.median(parts["allocate_bits"]) if parts["allocate_bits"] else None,
         "prune_and_pack_s": statistics.median(parts["prune_to_fit"]) if parts["prune_to_fit"] else None,

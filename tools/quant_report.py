@@ -5,7 +5,9 @@ quantization variant at the same byte budget, scored on the validation split.
     <the run's settings> python3 tools/quant_report.py SNAPSHOT [--budget-per-param 0.52] [--json out.json]
 
 The model settings come from the environment, exactly as for the run that wrote the snapshot.  The budget defaults
-to the full-size ratio: 16,000,000 bytes for the seed's 30.66 M parameters (0.52 bytes per parameter).  For each
+to the full-size ratio: 16,000,000 bytes for the seed's 30.66 M parameters (0.52 bytes per parameter); a small
+model's int8 tables are a larger share of it, so to match the full-size seed choose the ratio that leaves its bank
+matrices what the seed's get, 0.49 bytes per matrix parameter (README, Results, issue #22).  For each
 variant: bytes, quantized val_bpb and the tax over the unquantized model, and the time quantize_model took.  Then
 the packing layouts: the same codes serialized layer by layer (today), grouped by matrix type, and grouped and
 transposed, each compressed with the artifact's compressor.
@@ -22,17 +24,20 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import train_gpt_human as tg  # noqa: E402
 
-VARIANTS = {  # name -> quantization settings (the others are the run's own)
-    "mixed (today)": {},
+VARIANTS = {  # name -> quantization settings over PLAIN (the others are the run's own)
+    "mixed": {},
     "mixed + lqer": {"lqer_rank": 4},
     "sdclip int5": {"quant_mode": "sdclip", "matrix_bits": 5},
     "sdclip int6": {"quant_mode": "sdclip"},
     "sdclip int7": {"quant_mode": "sdclip", "matrix_bits": 7},
     "sdclip + lqer": {"quant_mode": "sdclip", "lqer_rank": 4},
+    "sdclip int5 + embed int8": {"quant_mode": "sdclip", "matrix_bits": 5, "embed_bits": 8},
     "sdclip + embed int7": {"quant_mode": "sdclip", "embed_bits": 7},
     "sdclip + embed int8": {"quant_mode": "sdclip", "embed_bits": 8},
     "sdclip + embed int7 + lqer (record)": {"quant_mode": "sdclip", "embed_bits": 7, "lqer_rank": 4},
 }
+LOGGED = ("quant:allocation", "quant:sdclip", "quant:warning", "quant:pruning")  # packer lines kept per variant
+PLAIN = {"quant_mode": "mixed", "matrix_bits": 6, "embed_bits": 0, "lqer_rank": 0}  # not the preset's
 LAYOUT_VARIANT = "sdclip int6"  # whose codes the packing layouts are measured on
 
 
@@ -73,27 +78,27 @@ def main():
           f"({len(val) - 1} val predictions)")
     rows, captured, prune = [], {}, tg.prune_to_fit
 
-    def capture(entries, costs, hp_, rt_, budget):  # keeps the entries of the last variant for the layouts
+    def capture(entries, costs, hp_, rt_, budget, **kw):  # keeps the entries of the last variant for the layouts
         captured["entries"] = list(entries)
-        return prune(entries, costs, hp_, rt_, budget)
+        return prune(entries, costs, hp_, rt_, budget, **kw)
 
     tg.prune_to_fit = capture
     chosen = args.variants.split(",") if args.variants else list(VARIANTS)
     for name, overrides in ((n, VARIANTS[n]) for n in chosen):
-        plain = {"quant_mode": "mixed", "matrix_bits": 6, "embed_bits": 0, "lqer_rank": 0}  # not the preset's
-        vhp = dataclasses.replace(hp, target_bytes=target, **{**plain, **overrides})
+        vhp = dataclasses.replace(hp, target_bytes=target, **{**PLAIN, **overrides})
         log = f"/tmp/quant_report_{os.getpid()}.log"
         vrt = tg.Runtime(0, 1, torch.device("cpu"), log)
         t0 = time.perf_counter()
         try:
             blob = tg.quantize_model(model, snap["hessians"], vhp, vrt, 0)
         except tg.ConfigError as e:  # e.g. does not fit even after pruning every candidate
+            os.remove(log)
             rows.append({"variant": name, "error": str(e)})
             print(f"{name:36s} {e}")
             continue
         seconds = time.perf_counter() - t0
         _, bpb = tg.eval_full(tg.load_artifact(blob, vhp, torch.device("cpu")), val, vhp, rt, luts)
-        lines = [ln for ln in open(log).read().splitlines() if ln.startswith(("quant:pruning", "quant:sdclip"))]
+        lines = [ln for ln in open(log).read().splitlines() if ln.startswith(LOGGED)]
         os.remove(log)
         rows.append({"variant": name, "bytes": len(blob), "val_bpb": bpb, "tax": bpb - base_bpb,
                      "quantize_s": seconds, "log": lines})

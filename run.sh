@@ -321,8 +321,9 @@ gpu_run() {
     ensure_module sentencepiece
     ensure_module brotli
     check_torch_cuda
-    "$PYTHON" -c 'import flash_attn_interface' >/dev/null 2>&1 ||
-        warn "flash_attn_interface (FlashAttention 3) is not importable: attention falls back to PyTorch SDPA (slower)"
+    "$PYTHON" -c 'import flash_attn_interface' >/dev/null 2>&1 || "$PYTHON" -c 'import flash_attn.cute' >/dev/null 2>&1 ||
+        warn "neither flash_attn_interface (FlashAttention 3) nor flash_attn.cute (pip install flash-attn-4) imports:" \
+            "attention runs on compiled flex_attention / PyTorch SDPA (slower)"
     check_data
     check_disk "$MIN_FREE_MB"
     pick_train_script

@@ -417,7 +417,7 @@ def device_batch(x, y, device, max_len=0):
     if segments is None:
         return x, y, None
     seg, cu = (t.to(device, non_blocking=True) for t in segments)
-    torch._dynamo.mark_dynamic(cu, 0)  # its length varies by multiples of 64: one compiled graph for all of them
+    torch._dynamo.maybe_mark_dynamic(cu, 0)  # its length varies by multiples of 64: one graph for all (if it can)
     return x, y, document_block_mask(seg) if ATTENTION["kernel"] == "flex" else (cu, max_len)
 
 

@@ -311,3 +311,32 @@ def test_late_qat_is_1089s(monkeypatch):
     on = model.engram(ids)
     monkeypatch.setattr(tg.BankLinear, "qat_enabled", False)
     assert not torch.allclose(on, model.engram(ids), atol=1e-4)  # EngramLite's projection is fake-quantised too
+
+
+@torch.library.custom_op("pgtest::varlen", mutates_args=())
+def traced_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    return fake_varlen(q, k, v, cu, cu, 1 << 30, 1 << 30, True)[0]
+
+
+@traced_varlen.register_fake
+def _(q, k, v, cu):
+    return torch.empty_like(q)
+
+
+def test_one_compiled_graph_for_every_cu_seqlens_length(kernel, monkeypatch):
+    """With a varlen kernel that torch.compile traces (FA3 registers custom ops; here a stand-in), batches whose
+    cu_seqlens pad to 64 and to 128 entries run one graph: the length is marked dynamic."""
+    monkeypatch.setitem(tg.FLASH, "fa3", (fake_causal, lambda q, k, v, cu_seqlens_q, **_: traced_varlen(q, k, v,
+                                                                                                   cu_seqlens_q)))
+    kernel("fa3")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = record_model()
+    compiled = torch.compile(model, dynamic=False, backend="eager")
+    for n_docs in (3, 90):  # 4 and 91 segments: cu_seqlens of 64 and 128 entries
+        ids = torch.randint(2, 1024, (1, 1024), generator=torch.Generator().manual_seed(n_docs))
+        ids[0, torch.linspace(0, 1023, n_docs).long()] = B_
+        x, y, docs = tg.device_batch(ids[:, :-1], ids[:, 1:], "cpu", 2048)
+        with torch.no_grad():
+            assert torch.allclose(compiled(x, y, docs=docs), model(x, y, docs=docs))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

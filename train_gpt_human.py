@@ -434,9 +434,10 @@ def load_val_bytes(hp, n_tokens):
     counts = []
     for path, shard in zip(files, shards):
         counts.append(read_shard(path))
-        if len(counts[-1]) != len(read_shard(shard)):
-            raise ConfigError(f"{path}: {len(counts[-1])} byte counts for the {len(read_shard(shard))} tokens of "
-                              f"{shard}; download the data again or rebuild it with data/fineweb.py build --caseops")
+        n_shard = int(np.fromfile(shard, dtype="<i4", count=3)[2])  # the shard's token count, from its header
+        if len(counts[-1]) != n_shard:
+            raise ConfigError(f"{path}: {len(counts[-1])} byte counts for the {n_shard} tokens of {shard}; "
+                              f"download the data again or rebuild it with data/fineweb.py build --caseops")
     return torch.from_numpy(np.concatenate(counts)[:n_tokens].astype(np.int16))
 
 

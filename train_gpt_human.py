@@ -1090,10 +1090,10 @@ class Runtime:
             torch.cuda.synchronize()
 
 
-# A run compiles a few graphs of GPT.forward, all of fixed shape: training, training with late QAT, scoring
-# (every eval and TTT's scoring) and TTT adaptation.  The limit leaves room for ablations; past it dynamo would
-# silently fall back to eager.
-COMPILE_GRAPH_LIMIT = 16
+# A run compiles a few graphs of GPT.forward: training, training with late QAT or loops, scoring and TTT.  A kernel
+# that breaks the graph at every attention call (flash-attn-4, the CPU kernel) compiles each block's frame per layer
+# and mode instead, dozens of entries; the limit leaves room for them: past it dynamo silently falls back to eager.
+COMPILE_GRAPH_LIMIT = 64
 
 
 def compile_enabled(hp, rt):

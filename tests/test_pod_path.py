@@ -259,4 +259,4 @@ def test_compiled_run_keeps_a_small_fixed_set_of_graphs(tiny_data, tmp_path, mon
     assert (adapted, n_chunks) == (9, 10)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
     log = (tmp_path / "log.txt").read_text()
-    assert "compile:train graphs:2 limit:16" in log
+    assert "compile:train graphs:2 limit:64" in log

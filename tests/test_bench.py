@@ -93,9 +93,9 @@ def test_cpu_smoke_all_modes(tmp_path):
 
     c = r["compress"]
     assert c["error"] is None and c["matrices"] == 12 and c["gptq_cholesky_fallbacks"] == 0
-    for key in ("hessian_s", "gptq_s", "quantize_model_s", "allocate_bits_s", "prune_and_pack_s", "artifact_bytes",
+    for key in ("hessian_s", "gptq_s", "quantize_model_s", "plan_s", "prune_and_pack_s", "artifact_bytes",
                 "code_bytes", "peak_memory_mib"):
         assert c[key] > 0, key
-    assert c["allocate_bits_s"] + c["prune_and_pack_s"] <= c["quantize_model_s"]
+    assert c["plan_s"] + c["prune_and_pack_s"] <= c["quantize_model_s"]
     assert c["total_bytes"] == c["artifact_bytes"] + c["code_bytes"] <= c["target_bytes"] == 2_000_000
     assert c["compressor"] == ("brotli" if tg.brotli is not None else "lzma")

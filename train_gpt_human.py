@@ -582,7 +582,7 @@ def select_attention(hp, device):
                           f"does not import; install {'FlashAttention-3' if kernel == 'fa3' else 'flash-attn-4'} or "
                           f"unset ATTN_KERNEL")
     ATTENTION["kernel"] = kernel
-    if device.type == "cuda":
+    if cuda:
         ATTENTION["flex"] = torch.compile(flex_attention, dynamic=False)
         torch.backends.cuda.enable_math_sdp(False)
         try:  # one tiny forward and backward at the model's head shape, in the training dtype

@@ -150,6 +150,7 @@ class Hyperparameters:
     embed_bits: int = 0  # > 0: GPTQ the tied embedding at this many bits with the output head's Hessian
     lqer_rank: int = 0  # > 0: low-rank correction of the quantization error on the LQER_TOP_K worst tensors
     lqer_top_k: int = 3
+    lqer_asym_group: int = 0  # > 0: LQER's A at int2 with one scale, B at int4 with a scale per this many (the record)
     target_bytes: int = 16_000_000
     alloc_overshoot: float = 0.004
     prune_max_abs: int = 2
@@ -217,7 +218,7 @@ class Hyperparameters:
         for name in ["iterations", "warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
                      "gptq_calib_batches", "ttt_epochs", "ttt_freeze_blocks", "grad_accum_steps", "val_max_tokens",
                      "engram_buckets", "ve_dim", "num_loops", "swa_every", "lqer_rank", "lqer_top_k", "ttt_prefix_docs",
-                     "ttt_phases", "rope_ntk_len"]:
+                     "ttt_phases", "rope_ntk_len", "lqer_asym_group"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
         head_dim = self.model_dim // self.num_heads
@@ -1575,7 +1576,7 @@ def deserialize(blob):
         if kind == KIND_INT:
             codes = torch.from_numpy(np.frombuffer(blob, dtype=np.int8, count=numel, offset=pos).copy())
             pos += numel
-            if codes.numel() and codes.abs().max() > qmax_of(bits):
+            if codes.numel() and not -2 ** (bits - 1) <= codes.min() <= codes.max() <= qmax_of(bits):
                 fail(f"code out of range in {name}")
             scale = torch.from_numpy(unshuffle_bytes(blob[pos:pos + 2 * rows], rows).astype(np.float32))
             pos += 2 * rows
@@ -1613,8 +1614,8 @@ def load_artifact(data, hp, device):
     """Builds a fresh model from artifact bytes, as a grader would."""
     flat = deserialize(decompress_bytes(data))
     for name in [n for n in flat if n.endswith(".lqA")]:  # LQER: add the low-rank error correction back
-        base = name[:-len(".lqA")]
-        flat[base] = flat[base] + flat.pop(name).T @ flat.pop(base + ".lqB")
+        base, (rows, cols) = name[:-len(".lqA")], flat[name[:-len(".lqA")]].shape
+        flat[base] = flat[base] + flat.pop(name).view(-1, rows).T @ flat.pop(base + ".lqB").view(-1, cols)
     state = {}
     for name, t in flat.items():
         bank, _, idx = name.partition("#")
@@ -1686,22 +1687,38 @@ def sdclip_plan(targets, others, hessians, hp, budget, rt):
 
 def lqer_reserve(targets, hp):
     """Bytes kept free for LQER's factors: for the LQER_TOP_K largest matrices, rank x (rows + cols) codes at <= 4
-    bits and two fp16 scales per rank (an upper bound: the worst tensors are known only after quantization)."""
+    bits and an fp16 scale per row or per 32 codes (an upper bound: the worst tensors are known only after
+    quantization)."""
     sizes = sorted((sum(W.shape) for _, W, _, _ in targets), reverse=True)[:hp.lqer_top_k]
-    return sum(hp.lqer_rank * (n // 2 + 4) for n in sizes) if hp.lqer_rank else 0
+    return sum(hp.lqer_rank * (n // 2 + n // 16 + 4) for n in sizes) if hp.lqer_rank else 0
+
+
+def quantize_groups(t, bits, group):
+    """Round to the full two's-complement range [-2^(b-1), 2^(b-1) - 1] with one fp16 scale, max|t| / (2^(b-1) -
+    1/2), per `group` consecutive values (LQER_ASYM_GROUP's factors)."""
+    t = t.reshape(-1, group)
+    scale = (t.abs().amax(dim=1) / (2 ** (bits - 1) - 0.5)).clamp_min(1e-7).half().float()
+    return (t / scale[:, None]).round().clamp(-2 ** (bits - 1), qmax_of(bits)).to(torch.int8), scale
 
 
 def lqer_entries(targets, quantized, hp):
     """LQER: for the LQER_TOP_K tensors with the largest ||W - W_hat||_F, a rank-LQER_RANK SVD of the error,
-    E ~ A B, stored as A^T at int3 and B at int4 (per-row scales); load_artifact adds A B back."""
+    E ~ A B, stored as A^T at int3 and B at int4 with per-row scales, or with LQER_ASYM_GROUP as the record stores
+    them: A at int2 with one scale, B at int4 with a scale per group.  load_artifact adds A B back."""
     errors = [W - q.float() * s[:, None] for (_, W, _, _), (*_, q, s) in zip(targets, quantized)]
     out = []
     for i in sorted(range(len(errors)), key=lambda i: -float(errors[i].norm()))[:hp.lqer_top_k]:
         U, S, Vh = torch.linalg.svd(errors[i], full_matrices=False)
         r = min(hp.lqer_rank, S.numel())
-        for suffix, factor, bits in ((".lqA", (U[:, :r] * S[:r]).T, 3), (".lqB", Vh[:r], 4)):
-            q, scale = quantize_rtn(factor.contiguous(), bits)
-            out.append((targets[i][0] + suffix, KIND_INT, bits, tuple(factor.shape), q, scale))
+        group = hp.lqer_asym_group
+        for suffix, factor, bits in ((".lqA", (U[:, :r] * S[:r]).T, 2 if group else 3), (".lqB", Vh[:r], 4)):
+            factor = factor.contiguous()
+            if not group:
+                q, scale = quantize_rtn(factor, bits)
+            else:  # A: one scale in all; B: one per group (per gcd(group, size) if the size is not a multiple)
+                q, scale = quantize_groups(factor, bits, factor.numel() if suffix == ".lqA" else
+                                           math.gcd(group, factor.numel()))
+            out.append((targets[i][0] + suffix, KIND_INT, bits, tuple(q.shape), q, scale))
     return out
 
 

@@ -303,8 +303,9 @@ def test_gptq_embedding_lowers_the_output_head_error(trained):
         assert gptq < 0.8 * rtn
 
 
-def test_lqer_lowers_the_error_of_the_tensors_it_touches(trained):
-    hp = dataclasses.replace(trained.hp, quant_mode="sdclip", lqer_rank=4, lqer_top_k=3)
+@pytest.mark.parametrize("rank,top_k,group,drop", [(4, 3, 0, 0.97), (2, 4, 32, 0.99)])  # ours; the frontier's
+def test_lqer_lowers_the_error_of_the_tensors_it_touches(trained, rank, top_k, group, drop):
+    hp = dataclasses.replace(trained.hp, quant_mode="sdclip", lqer_rank=rank, lqer_top_k=top_k, lqer_asym_group=group)
     model = trained.model()
     with_lqer = tg.load_artifact(tg.quantize_model(model, trained.hessians, hp, trained.rt, CODE_BYTES), hp,
                                  torch.device("cpu"))
@@ -317,8 +318,8 @@ def test_lqer_lowers_the_error_of_the_tensors_it_touches(trained):
         a = float((W - getattr(with_lqer, bank)[idx].detach()).norm())
         b = float((W - getattr(plain, bank)[idx].detach()).norm())
         (touched if a != b else untouched).append((a, b))
-    assert len(touched) == 3  # exactly LQER_TOP_K tensors get a correction
-    assert all(a < 0.97 * b for a, b in touched), touched  # each one's error drops
+    assert len(touched) == top_k  # exactly LQER_TOP_K tensors get a correction
+    assert all(a < drop * b for a, b in touched), touched  # each one's error drops
     assert all(a == b for a, b in untouched)
 
 
@@ -623,3 +624,27 @@ def test_all_zero_rows_quantize_to_zero_codes_with_a_finite_scale():
         assert torch.isfinite(scale).all() and (scale > 0).all()
         assert (q[2] == 0).all()
         assert q.abs().max() <= tg.qmax_of(5)
+
+
+def test_lqer_asymmetric_factors_are_the_records_codes():
+    """A at int2 in [-2, 1] with one scale max|A| / 1.5; B at int4 in [-8, 7], one scale max|group| / 7.5 per group
+    of 32: the record's packing, here through the artifact's own format (which must accept -2 and -8)."""
+    torch.manual_seed(0)
+    W = torch.randn(64, 96)
+    hp = tg.Hyperparameters(lqer_rank=2, lqer_top_k=1, lqer_asym_group=32)
+    shadow = torch.zeros_like(W)
+    entries = tg.lqer_entries([("w", W, "k", "attn")], [("w", tg.KIND_INT, 6, (64, 96), shadow, torch.ones(64))], hp)
+    (_, _, a_bits, a_shape, qa, sa), (_, _, b_bits, b_shape, qb, sb) = entries
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    A, B = (U[:, :2] * S[:2]).T.reshape(1, -1), Vh[:2].reshape(-1, 32)
+    assert (a_bits, a_shape, b_bits, b_shape) == (2, (1, 128), 4, (6, 32))
+    assert torch.allclose(sa, (A.abs().amax() / 1.5).half().float(), rtol=0) and sa.numel() == 1
+    assert torch.allclose(sb, (B.abs().amax(dim=1) / 7.5).half().float(), rtol=0)
+    assert torch.equal(qa.float(), (A / sa).round().clamp(-2, 1))
+    assert torch.equal(qb.float(), (B / sb[:, None]).round().clamp(-8, 7))
+    state = tg.deserialize(tg.serialize(entries))
+    assert torch.equal(state["w.lqA"], qa.float() * sa[:, None]) and torch.equal(state["w.lqB"], qb * sb[:, None])
+    edge = ("e", tg.KIND_INT, 2, (1, 2), torch.tensor([[-2, 1]], dtype=torch.int8), torch.ones(1))
+    assert tg.deserialize(tg.serialize([edge]))["e"].tolist() == [[-2.0, 1.0]]  # int2's full range is legal
+    with pytest.raises(ValueError, match="code out of range in e"):
+        tg.deserialize(tg.serialize([edge[:4] + (edge[4] - 1, edge[5])]))

@@ -100,6 +100,8 @@ class Hyperparameters:
     attn_out_init: str = "mimetic"  # mimetic: O = -0.05 V per head (#1089); zero (the record)
     # training
     train_seq_len: int = 2048
+    train_seq_schedule: str = ""  # "len@until,...": train at len while the run's progress <= until, then TRAIN_SEQ_LEN
+    seq_change_warmup_steps: int = 0  # after each context switch the LR ramps back up linearly over this many steps
     eval_seq_len: int = 2048
     train_batch_tokens: int = 786432
     grad_accum_steps: int = 0  # 0 = 8 // world_size
@@ -218,7 +220,7 @@ class Hyperparameters:
         for name in ["iterations", "warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
                      "gptq_calib_batches", "ttt_epochs", "ttt_freeze_blocks", "grad_accum_steps", "val_max_tokens",
                      "engram_buckets", "ve_dim", "num_loops", "swa_every", "lqer_rank", "lqer_top_k", "ttt_prefix_docs",
-                     "ttt_phases", "rope_ntk_len", "lqer_asym_group"]:
+                     "ttt_phases", "rope_ntk_len", "lqer_asym_group", "seq_change_warmup_steps"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
         head_dim = self.model_dim // self.num_heads
@@ -266,6 +268,21 @@ class Hyperparameters:
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name.upper()} must be in [0, 1], got {getattr(self, name)}")
         self.ve_layer_ids()
+        self.seq_stages()
+
+    def seq_stages(self):
+        """[(context, progress until which training uses it)] of TRAIN_SEQ_SCHEDULE, ending with TRAIN_SEQ_LEN at 1;
+        a context over TRAIN_SEQ_LEN is capped at it."""
+        try:
+            stages = [(min(int(n), self.train_seq_len), float(u)) for n, u in
+                      (stage.split("@") for stage in self.train_seq_schedule.split(",") if stage.strip())]
+        except ValueError:
+            stages = None
+        if stages is None or any(n <= 0 for n, _ in stages) or [u for _, u in stages] != sorted(
+                min(max(u, 0), 1) for _, u in stages):
+            raise ConfigError(f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r} must be 'len@until,...' with lengths "
+                              f"> 0 and untils rising in [0, 1], e.g. 1024@0.1,2048@0.7")
+        return stages + [(self.train_seq_len, 1.0)]
 
     def ve_layer_ids(self):
         if not self.ve_layers:
@@ -384,15 +401,14 @@ class DistributedTokenLoader:
 
     def __init__(self, files, hp, rank, world_size, device):
         self.stream, self.hp, self.rank, self.world_size = TokenStream(files, hp.vocab_size), hp, rank, world_size
-        self.device = device
+        self.device, self.seq_len = device, hp.train_seq_len  # the training loop sets seq_len by TRAIN_SEQ_SCHEDULE
 
     def next_batch(self, grad_accum_steps):
         hp = self.hp
         span = hp.train_batch_tokens // (self.world_size * grad_accum_steps) + 1
         chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
-        shape = (1, -1) if hp.doc_isolation else (-1, hp.train_seq_len)
-        return device_batch(chunk[:-1].view(shape), chunk[1:].view(shape), self.device,
-                            hp.train_seq_len * hp.doc_isolation)
+        shape = (1, -1) if hp.doc_isolation else (-1, self.seq_len)
+        return device_batch(chunk[:-1].view(shape), chunk[1:].view(shape), self.device, self.seq_len * hp.doc_isolation)
 
 
 def doc_segments(ids, max_len):
@@ -1136,10 +1152,23 @@ def lr_scale(hp, step, elapsed_ms, cap_ms):
 
 def grad_accum_steps(hp, world_size):
     accum = hp.grad_accum_steps or max(1, 8 // world_size)
-    if hp.train_batch_tokens % (world_size * accum * hp.train_seq_len):
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be divisible by world_size({world_size})"
-                          f" x GRAD_ACCUM_STEPS({accum}) x TRAIN_SEQ_LEN({hp.train_seq_len})")
+    for n, _ in hp.seq_stages():
+        if hp.train_batch_tokens % (world_size * accum * n):
+            raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be divisible by world_size"
+                              f"({world_size}) x GRAD_ACCUM_STEPS({accum}) x each training context ({n}: "
+                              f"TRAIN_SEQ_LEN, TRAIN_SEQ_SCHEDULE)")
     return accum
+
+
+def training_shapes(hp):
+    """(context, looping) of every training graph a run uses: each stage of TRAIN_SEQ_SCHEDULE, plain while it runs
+    before LOOP_ENABLE_AT and looped after; the warm-up compiles them all before the clock starts."""
+    shapes, begin = [], 0.0
+    for n, until in hp.seq_stages():
+        shapes += [(n, False)] * (begin < hp.loop_enable_at or not hp.num_loops)
+        shapes += [(n, True)] * (hp.num_loops > 0 and until >= hp.loop_enable_at)
+        begin = until
+    return list(dict.fromkeys(shapes))
 
 
 def train_step(model, opt, loader, hp, rt, accum, scale):
@@ -1189,19 +1218,19 @@ def train(model, hp, rt, val_tokens, luts):
     files = shard_files(hp.data_path, "train")
     if hp.warmup_steps:  # compile/warm-up steps; the model and optimizer state are restored afterwards
         saved = copy.deepcopy(model.state_dict()), opt.state_dict()
-        loader = DistributedTokenLoader(files, hp, rt.rank, rt.world_size, rt.device)
-        for i in range(hp.warmup_steps):  # the last one with late QAT on and the second half looped, so that
+        loader, shapes = DistributedTokenLoader(files, hp, rt.rank, rt.world_size, rt.device), training_shapes(hp)
+        for i in range(hp.warmup_steps):  # every (context, looping) in turn, the last with late QAT on, so that
             BankLinear.qat_enabled = hp.qat_threshold > 0 and i == hp.warmup_steps - 1  # every graph compiles untimed
-            model.looping = hp.num_loops > 0 and i >= hp.warmup_steps // 2
+            loader.seq_len, model.looping = shapes[i * len(shapes) // hp.warmup_steps]
             train_step(step_model, opt, loader, hp, rt, accum, 1.0)
         BankLinear.qat_enabled = False
         model.load_state_dict(saved[0])
         opt.load_state_dict(saved[1])
     loader = DistributedTokenLoader(files, hp, rt.rank, rt.world_size, rt.device)
-    model.looping = False
+    loader.seq_len, model.looping = hp.seq_stages()[0][0], False
     averager = WeightAverager(model, hp)
     cap_ms = max(hp.max_wallclock_seconds * 1000 - hp.gptq_reserve_ms, 0) if hp.max_wallclock_seconds else 0
-    train_ms, step, last_loss, stop, elapsed = 0.0, 0, float("nan"), False, 0.0
+    train_ms, step, last_loss, stop, elapsed, switched = 0.0, 0, float("nan"), False, 0.0, -hp.seq_change_warmup_steps
     rt.sync()
     t0 = time.perf_counter()
     while True:
@@ -1218,13 +1247,18 @@ def train(model, hp, rt, val_tokens, luts):
         scale = lr_scale(hp, step, elapsed, cap_ms)
         set_late_qat(hp, rt, scale, step)
         progress = training_progress(hp, step, elapsed, cap_ms)
+        seq_len = next(n for n, until in hp.seq_stages() if progress <= until or until == 1.0)
+        if seq_len != loader.seq_len:
+            loader.seq_len, switched = seq_len, step
+            rt.log(f"train_seq_len:{seq_len} step:{step} progress:{progress:.3f}")
+        rewarm = min((step - switched + 1) / hp.seq_change_warmup_steps, 1.0) if hp.seq_change_warmup_steps else 1.0
         if hp.num_loops and not model.looping and progress >= hp.loop_enable_at:
             model.looping = True
             rt.log(f"layer_loop:enabled step:{step} progress:{progress:.3f} encoder:{layer_order(hp, True)[0]} "
                    f"decoder:{layer_order(hp, True)[1]}")
         frac = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps else 1.0
         opt.muon.momentum = (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
-        loss = train_step(step_model, opt, loader, hp, rt, accum, scale)
+        loss = train_step(step_model, opt, loader, hp, rt, accum, scale * rewarm)  # LR back up after a switch (#2014)
         averager.update(model, step, scale)
         step += 1
         if step % hp.train_log_every == 0 or step == hp.iterations:

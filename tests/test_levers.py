@@ -1,0 +1,65 @@
+"""The frontier's levers (#2014, #2060, #2135) as settings of the one model and eval path: each does what it says."""
+import dataclasses
+
+import pytest
+import torch
+
+import train_gpt_human as tg
+from conftest import TINY_ENV
+
+
+def test_seq_schedule_parses_caps_and_rejects():
+    hp = tg.Hyperparameters(train_seq_len=3072, train_seq_schedule="1024@0.1,2048@0.7")
+    assert hp.seq_stages() == [(1024, 0.1), (2048, 0.7), (3072, 1.0)]
+    assert dataclasses.replace(hp, train_seq_len=1536).seq_stages() == [(1024, 0.1), (1536, 0.7), (1536, 1.0)]
+    assert tg.Hyperparameters().seq_stages() == [(2048, 1.0)]
+    for bad in ("1024", "1024@x", "2048@0.7,1024@0.1", "0@0.5", "1024@1.5"):
+        with pytest.raises(tg.ConfigError, match="TRAIN_SEQ_SCHEDULE"):
+            tg.Hyperparameters.from_env({"TRAIN_SEQ_SCHEDULE": bad})
+    with pytest.raises(tg.ConfigError, match=r"each training context \(1000"):
+        tg.grad_accum_steps(tg.Hyperparameters(train_seq_schedule="1000@0.5"), 8)
+
+
+def test_training_shapes_are_the_stages_times_the_loop_switch():
+    """#2014's warm-up set: 1024 plain, 2048 plain and looped (the loops switch on at 0.35), 3072 looped."""
+    hp = tg.Hyperparameters.from_env({"PRESET": "record", "TRAIN_SEQ_SCHEDULE": "1024@0.1,2048@0.7",
+                                      "TRAIN_SEQ_LEN": "3072"})
+    assert tg.training_shapes(hp) == [(1024, False), (2048, False), (2048, True), (3072, True)]
+    assert tg.training_shapes(tg.Hyperparameters()) == [(2048, False)]  # the seed: no loops, one context
+    assert tg.training_shapes(dataclasses.replace(hp, train_seq_schedule="")) == [(3072, False), (3072, True)]
+
+
+def test_progressive_context_switches_by_progress_and_rewarms_the_lr(tiny_data, tmp_path, monkeypatch):
+    """Context 32 while progress <= 0.2, 64 while <= 0.6, then 128; the loops from 0.5; after each switch the LR
+    ramps back up over 4 steps; the warm-up visits every (context, looping) graph once; no segment is longer than
+    the context of its step."""
+    env = dict(TINY_ENV, DATA_PATH=str(tiny_data), ITERATIONS="20", TRAIN_SEQ_SCHEDULE="32@0.2,64@0.6",
+               SEQ_CHANGE_WARMUP_STEPS="4", WARMUP_STEPS="4", DOC_ISOLATION="1", NUM_LOOPS="1", LOOP_START="1",
+               LOOP_END="1", LOOP_ENABLE_AT="0.5", TRAIN_LOG_EVERY="100")
+    hp = tg.Hyperparameters.from_env(env)
+    rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "log.txt"))
+    seen, real_step = [], tg.train_step
+
+    def spy(model, opt, loader, hp, rt, accum, scale):
+        real_next = loader.next_batch
+
+        def next_batch(accum):
+            x, y, (cu, max_len) = real_next(accum)
+            assert max_len == loader.seq_len and int((cu[1:] - cu[:-1]).max()) <= loader.seq_len
+            return x, y, (cu, max_len)
+
+        loader.next_batch = next_batch
+        seen.append((loader.seq_len, model.looping, scale))
+        return real_step(model, opt, loader, hp, rt, accum, scale)
+
+    monkeypatch.setattr(tg, "train_step", spy)
+    torch.manual_seed(0)
+    tg.train(tg.GPT(hp), hp, rt, None, None)
+    assert seen[:4] == [(32, False, 1.0), (64, False, 1.0), (64, True, 1.0), (128, True, 1.0)]  # the warm-up
+    contexts = [32] * 5 + [64] * 8 + [128] * 7  # progress = step / 20
+    rewarm = {5: 0.25, 6: 0.5, 7: 0.75, 13: 0.25, 14: 0.5, 15: 0.75}
+    expected = [(n, step >= 10, pytest.approx(tg.lr_scale(hp, step, 0.0, 0) * rewarm.get(step, 1.0)))
+                for step, n in enumerate(contexts)]
+    assert seen[4:] == expected
+    log = (tmp_path / "log.txt").read_text()
+    assert "train_seq_len:64 step:5 progress:0.250" in log and "train_seq_len:128 step:13 progress:0.650" in log

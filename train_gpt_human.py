@@ -177,8 +177,10 @@ class Hyperparameters:
     ttt_polyak_decay: float = 0.998
     ttt_mode: str = "chunk"  # chunk: LaCT on chunks of the stream; phased: per-document LoRA + global phases
     ttt_doc_chunk: int = 48  # phased: predictions per document chunk (scored, then one adapter step)
+    ttt_short_chunks: str = ""  # phased "len:chunk,...": a batch whose longest document is <= len uses that chunk
     ttt_doc_batch: int = 64  # phased: documents per batch, one adapter each
     ttt_lora_rank: int = 80
+    ttt_lora_targets: str = "q,k,v,o,mlp"  # phased: adapted projections of every virtual layer (and the LM head)
     ttt_lora_lr: float = 1e-4
     ttt_lora_wd: float = 0.5
     ttt_lora_optimizer: str = "adamw"  # adamw (betas 0, 0.99) or muon (each document's factors on their own)
@@ -233,6 +235,13 @@ class Hyperparameters:
                               f"or predictions between windows would go unscored")
         if self.ttt_doc_chunk > self.eval_seq_len:  # a window must hold a whole chunk
             raise ConfigError(f"TTT_DOC_CHUNK={self.ttt_doc_chunk} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
+        try:
+            assert all(0 < c <= self.eval_seq_len for c in self.short_chunks().values())
+        except (ValueError, AssertionError):
+            raise ConfigError(f"TTT_SHORT_CHUNKS={self.ttt_short_chunks!r} must be 'len:chunk,...' with chunks in "
+                              f"1..EVAL_SEQ_LEN, e.g. 256:8,2000:24") from None
+        if not set(self.lora_targets()) <= set(ADAPTABLE):
+            raise ConfigError(f"TTT_LORA_TARGETS={self.ttt_lora_targets!r} must list some of {','.join(ADAPTABLE)}")
         if self.rope_dims % 2 or self.rope_dims > head_dim:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {head_dim}")
         if not 2 <= self.quant_base_bits <= self.quant_max_bits <= 8:
@@ -284,6 +293,12 @@ class Hyperparameters:
                               f"> 0 and untils rising in [0, 1], e.g. 1024@0.1,2048@0.7")
         return stages + [(self.train_seq_len, 1.0)]
 
+    def short_chunks(self):
+        return {int(n): int(c) for n, c in (part.split(":") for part in self.ttt_short_chunks.split(",") if part)}
+
+    def lora_targets(self):
+        return tuple(name.strip() for name in self.ttt_lora_targets.split(",") if name.strip())
+
     def ve_layer_ids(self):
         if not self.ve_layers:
             return sorted({max(self.num_layers - 2, 0), self.num_layers - 1})
@@ -298,18 +313,21 @@ class Hyperparameters:
 
 # PRESET=seed is the PR #1089 stack; PRESET=record is the class of the accepted record (PR #1855) and seed #1541:
 # SP8192, depth recurrence, parallel lanes, gated BOS-aware smear, sparse attention gate, document-isolated
-# attention, MuonEq-R, a flat-then-linear schedule by wall-clock and EMA only.
+# attention, MuonEq-R, a flat-then-linear schedule by wall-clock and EMA only; plus the clean frontier's levers
+# (#2014, #2060, #2135: progressive context to 3,072, QK gain 5.25, LR 0.028, LQER r2 g32 top 4, a 4 s GPTQ
+# reserve, TTT on k, o, MLP and head with LR 8e-5, WD 2.0 and one global phase; README "Frontier levers").
 PRESETS = {
     "seed": {},
     "record": dict(
         data_path="./data/datasets/fineweb10B_sp8192", tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
-        vocab_size=8192, mlp_mult=4.0, leaky_slope=0.5, qk_gain_init=5.0, engram_buckets=0, ve_dim=0, num_loops=2,
+        vocab_size=8192, mlp_mult=4.0, leaky_slope=0.5, qk_gain_init=5.25, engram_buckets=0, ve_dim=0, num_loops=2,
         parallel_start=8, smear="gated", attn_gate=1, doc_isolation=1, rope_ntk_len=0, attn_out_init="zero",
-        muon_variant="eqr", muon_backend_steps=5, muon_momentum=0.97, matrix_lr=0.026, muon_wd=0.095, embed_beta1=0.9,
+        muon_variant="eqr", muon_backend_steps=5, muon_momentum=0.97, matrix_lr=0.028, muon_wd=0.095, embed_beta1=0.9,
         adam_beta2=0.99, tied_embed_lr=0.03, embed_wd=0.085, scalar_lr=0.02, adam_wd=0.02, warmdown_frac=0.85,
-        lr_floor=0.10, ema_decay=0.9965, swa_every=0, qat_threshold=0.0, gptq_reserve_ms=8000.0, gptq_calib_batches=16,
-        embed_bits=7,
-        ttt_mode="phased"),
+        lr_floor=0.10, ema_decay=0.9965, swa_every=0, qat_threshold=0.0, gptq_reserve_ms=4000.0, gptq_calib_batches=16,
+        embed_bits=7, lqer_rank=2, lqer_top_k=4, lqer_asym_group=32, train_seq_len=3072,
+        train_seq_schedule="1024@0.1,2048@0.7", seq_change_warmup_steps=32, eval_seq_len=3072,
+        ttt_mode="phased", ttt_lora_targets="k,o,mlp", ttt_lora_lr=8e-5, ttt_lora_wd=2.0, ttt_phases=1),
 }
 
 # torchrun and common system variables that share our prefixes but are not ours
@@ -1155,8 +1173,8 @@ def grad_accum_steps(hp, world_size):
     for n, _ in hp.seq_stages():
         if hp.train_batch_tokens % (world_size * accum * n):
             raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be divisible by world_size"
-                              f"({world_size}) x GRAD_ACCUM_STEPS({accum}) x each training context ({n}: "
-                              f"TRAIN_SEQ_LEN, TRAIN_SEQ_SCHEDULE)")
+                              f"({world_size}) x GRAD_ACCUM_STEPS({accum}) x "
+                              f"{'TRAIN_SEQ_LEN' if n == hp.train_seq_len else 'the TRAIN_SEQ_SCHEDULE context '}({n})")
     return accum
 
 
@@ -2032,7 +2050,7 @@ def eval_ttt(model, tokens, hp, rt, luts, eval_start, counts=None):
 # ----------------------------------------------------------------------------------------------------
 
 LORA_ALPHA = 144.0  # the record's: an adapter adds (alpha / rank) B A x, 1.8 at rank 80
-ADAPTED = ("q", "k", "v", "o", "mlp")  # the record's LoRA targets in each virtual layer (and the LM head)
+ADAPTABLE = ("q", "k", "v", "o", "mlp")  # the record's LoRA targets in each virtual layer (and the LM head)
 
 
 class LoRA(nn.Module):
@@ -2047,7 +2065,8 @@ class LoRA(nn.Module):
         d, kv, device = model.hp.model_dim, model.kv.size(1), model.kv.device
         dims = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d)}
         n_virtual = sum(len(part) for part in layer_order(model.hp, model.looping))
-        pairs = [dims[name] for _ in range(n_virtual) for name in ADAPTED] + [(d, model.hp.vocab_size)]
+        self.targets = model.hp.lora_targets()
+        pairs = [dims[name] for _ in range(n_virtual) for name in self.targets] + [(d, model.hp.vocab_size)]
         self.A = nn.ParameterList(torch.empty(docs, rank, n_in, device=device) for n_in, _ in pairs)
         self.B = nn.ParameterList(torch.zeros(docs, n_out, rank, device=device) for _, n_out in pairs)
         self.scale = LORA_ALPHA / rank
@@ -2066,7 +2085,9 @@ class LoRA(nn.Module):
         return self.scale * (x @ self.A[i][:n].mT.to(x.dtype)) @ self.B[i][:n].mT.to(x.dtype)
 
     def delta(self, v, name, x):
-        return self.pair(v * len(ADAPTED) + ADAPTED.index(name), x)
+        if name not in self.targets:
+            return 0
+        return self.pair(v * len(self.targets) + self.targets.index(name), x)
 
 
 def lora_optimizer(lora, hp):
@@ -2084,11 +2105,16 @@ def split_documents(tokens):
     return list(zip(starts, starts[1:] + [P]))
 
 
+def doc_chunk(docs, hp):
+    """Predictions per chunk of a document batch: TTT_DOC_CHUNK, or less for a batch of short documents (#2014)."""
+    longest = max(e - b for b, e in docs)
+    return min([c for n, c in hp.short_chunks().items() if longest <= n], default=hp.ttt_doc_chunk)
+
+
 def doc_steps(docs, hp):
     """(rows, row length) of each step of a document batch: step s runs the documents that still have a chunk s, each
-    row as long as the longest window of the step (the record's: TTT_DOC_CHUNK (s + 1), at most EVAL_SEQ_LEN)."""
-    lengths = sorted((e - b for b, e in docs), reverse=True)
-    C = hp.ttt_doc_chunk
+    row as long as the longest window of the step (the record's: chunk (s + 1), at most EVAL_SEQ_LEN)."""
+    lengths, C = sorted((e - b for b, e in docs), reverse=True), doc_chunk(docs, hp)
     return [(sum(n > s * C for n in lengths), min(hp.eval_seq_len, (s + 1) * C)) for s in range(-(-lengths[0] // C))]
 
 
@@ -2099,11 +2125,11 @@ def doc_batch_cost(docs, hp):
 
 def score_doc_batch(model, lora, tokens, docs, hp, rt, luts, counts=None, seed=None):
     """Float64 (NLL, predictions, bytes) of a batch of documents (begin, end), each with its own adapter row.  Step s
-    scores every document's chunk s (TTT_DOC_CHUNK predictions, with the document's own earlier tokens as context,
+    scores every document's chunk s (doc_chunk predictions, with the document's own earlier tokens as context,
     up to EVAL_SEQ_LEN); then, from the same forward, one optimizer step trains each adapter on its document's chunk,
     except on the document's last.  A row holds one document, so attention is plain causal (no document mask).
     The adapters start with B = 0 and A warm, or drawn from `seed` when TTT_LORA_WARM_A=0."""
-    C, S = hp.ttt_doc_chunk, hp.eval_seq_len
+    C, S = doc_chunk(docs, hp), hp.eval_seq_len
     docs = sorted(docs, key=lambda d: d[0] - d[1])  # longest first: the documents still running are the first rows
     lora.reset(None if hp.ttt_lora_warm_a else seed)
     opt = lora_optimizer(lora, hp)

@@ -1,5 +1,6 @@
 """The frontier's levers (#2014, #2060, #2135) as settings of the one model and eval path: each does what it says."""
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ def test_seq_schedule_parses_caps_and_rejects():
     for bad in ("1024", "1024@x", "2048@0.7,1024@0.1", "0@0.5", "1024@1.5"):
         with pytest.raises(tg.ConfigError, match="TRAIN_SEQ_SCHEDULE"):
             tg.Hyperparameters.from_env({"TRAIN_SEQ_SCHEDULE": bad})
-    with pytest.raises(tg.ConfigError, match=r"each training context \(1000"):
+    with pytest.raises(tg.ConfigError, match=r"x GRAD_ACCUM_STEPS\(1\) x the TRAIN_SEQ_SCHEDULE context \(1000\)"):
         tg.grad_accum_steps(tg.Hyperparameters(train_seq_schedule="1000@0.5"), 8)
 
 
@@ -63,3 +64,60 @@ def test_progressive_context_switches_by_progress_and_rewarms_the_lr(tiny_data, 
     assert seen[4:] == expected
     log = (tmp_path / "log.txt").read_text()
     assert "train_seq_len:64 step:5 progress:0.250" in log and "train_seq_len:128 step:13 progress:0.650" in log
+
+
+def test_lora_targets_adapt_only_the_listed_projections():
+    """TTT_LORA_TARGETS=k,o,mlp (#2014, #2060: no Q/V adapters): three pairs per virtual layer plus the head; q and v
+    get no delta, k does."""
+    from test_ttt_phased import RECORD, make_hp, random_model
+
+    hp = make_hp(**RECORD, TTT_LORA_TARGETS="k,o,mlp", TTT_LORA_RANK=4)
+    model = random_model(hp)
+    n_virtual = sum(map(len, tg.layer_order(hp, model.looping)))
+    lora = tg.LoRA(model, 2, 4, seed=0)
+    assert len(lora.A) == 3 * n_virtual + 1
+    for b in lora.B:
+        torch.nn.init.normal_(b)
+    x = torch.randn(2, 5, hp.model_dim)
+    assert lora.delta(0, "q", x) == 0 and lora.delta(n_virtual - 1, "v", x) == 0
+    assert lora.delta(n_virtual - 1, "k", x).shape == (2, 5, model.kv.size(1))
+    assert torch.equal(lora.delta(1, "o", x), lora.pair(4, x))  # layer 1's o: the 2nd of its 3 pairs
+    with pytest.raises(tg.ConfigError, match="TTT_LORA_TARGETS='q,x' must list some of q,k,v,o,mlp"):
+        make_hp(TTT_LORA_TARGETS="q,x")
+
+
+def test_short_chunks_by_the_batchs_longest_document():
+    hp = tg.Hyperparameters(ttt_short_chunks="256:8,2000:24", eval_seq_len=3072)
+    assert [tg.doc_chunk([(0, n), (0, 10)], hp) for n in (100, 256, 257, 2000, 2001)] == [8, 8, 24, 24, 48]
+    assert tg.doc_steps([(0, 20), (0, 13)], hp) == [(2, 8), (2, 16), (1, 24)]  # 3 chunks of 8; rows as they run
+    assert tg.doc_batch_cost([(0, 20), (0, 13)], hp) == 2 * 8 + 2 * 16 + 24
+    for bad in ("256", "256:0", "256:4000", "a:8"):
+        with pytest.raises(tg.ConfigError, match="TTT_SHORT_CHUNKS"):
+            tg.Hyperparameters.from_env({"TTT_SHORT_CHUNKS": bad})
+
+
+@pytest.mark.parametrize("warm_a", [0, 1])
+def test_short_chunks_score_each_prediction_once_before_it_trains(monkeypatch, tmp_path, one_thread, warm_a):
+    """TTT_SHORT_CHUNKS=40:4: batches whose longest document is <= 40 predictions read it 4 at a time, the rest 8 at
+    a time; every prediction is scored exactly once, and a changed target moves no score made before it."""
+    from test_ttt_legality import synthetic_luts
+    from test_ttt_phased import RANGE, documents, make_hp, random_model, run_phased
+
+    tokens, spans = documents()
+    (_, _, adapted, n_batches), base, counts = run_phased(monkeypatch, tmp_path, tokens, TTT_SHORT_CHUNKS="40:4",
+                                                          TTT_LORA_WARM_A=warm_a)
+    assert (adapted, n_batches) == (7, 7) and torch.equal(counts, torch.ones_like(counts))
+    b, e = spans[38]  # batch (38, 36): chunks of 4
+    t = b + 10
+    tokens2 = tokens.clone()
+    tokens2[t] = 2 + RANGE + (tokens[t] - 2 - RANGE + 1) % RANGE
+    _, rec, _ = run_phased(monkeypatch, tmp_path, tokens2, TTT_SHORT_CHUNKS="40:4", TTT_LORA_WARM_A=warm_a)
+    assert torch.equal(rec.scores[b:t - 1], base.scores[b:t - 1]) and rec.scores[t - 1] != base.scores[t - 1]
+    hp = make_hp(TTT_SHORT_CHUNKS="40:4", TTT_PHASES=0)  # the forwards are exactly the steps doc_steps plans
+    model, shapes = random_model(hp), []
+    model.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "log.txt"))
+    tg.eval_ttt(model, tokens, hp, rt, synthetic_luts(), time.perf_counter())
+    docs = sorted(tg.split_documents(tokens), key=lambda d: d[1] - d[0])
+    planned = [step for i in range(0, 14, 2) for step in tg.doc_steps(docs[i:i + 2], hp)]
+    assert sorted(shapes) == sorted(planned) and (2, 4) in shapes and (2, 8) in shapes

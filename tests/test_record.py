@@ -27,6 +27,14 @@ RECORD = {
     "clip_sigmas_attn": 13.0, "clip_sigmas_mlp": 11.5, "clip_sigmas_embed": 14.0, "lqer_rank": 0, "lqer_top_k": 3,
     "ttt_mode": "phased", "rope_ntk_len": 0, "attn_out_init": "zero",
 }
+# The clean frontier's levers on top (#2014, #2060, #2135), typed from their logs' hyperparameter dumps.
+FRONTIER = {
+    "qk_gain_init": 5.25, "matrix_lr": 0.028, "lqer_rank": 2, "lqer_top_k": 4, "lqer_asym_group": 32,
+    "gptq_reserve_ms": 4000.0, "train_seq_len": 3072, "train_seq_schedule": "1024@0.1,2048@0.7",
+    "seq_change_warmup_steps": 32, "eval_seq_len": 3072, "ttt_lora_targets": "k,o,mlp", "ttt_lora_lr": 8e-5,
+    "ttt_lora_wd": 2.0, "ttt_phases": 1, "ttt_prefix_docs": 2500, "ttt_doc_batch": 64, "ttt_doc_chunk": 48,
+    "ttt_lora_rank": 80, "gptq_calib_batches": 16,
+}
 TINY = {"NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "2", "PARALLEL_START": "3", "MODEL_DIM": "64",
         "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "VOCAB_SIZE": "1024", "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128"}
 
@@ -39,7 +47,7 @@ def record_hp(**overrides):
 
 def test_preset_table():
     hp = tg.Hyperparameters.from_env({"PRESET": "record"})
-    wrong = {k: (getattr(hp, k), v) for k, v in RECORD.items() if getattr(hp, k) != v}
+    wrong = {k: (getattr(hp, k), v) for k, v in {**RECORD, **FRONTIER}.items() if getattr(hp, k) != v}
     assert not wrong
     torch.manual_seed(0)
     assert 35_800_000 < sum(p.numel() for p in tg.GPT(hp).parameters()) < 36_000_000  # the record's 35.9 M

@@ -131,7 +131,8 @@ def test_adapters_one_per_virtual_layer_and_one_row_per_document(preset):
     n_virtual = sum(map(len, tg.layer_order(hp, model.looping)))
     assert n_virtual == (8 if preset == "record" else 2)  # record: layers 0, 1, 2, 1, 2, 1, 2, 3
     lora = tg.LoRA(model, 2, 4, seed=0)
-    assert len(lora.A) == len(lora.B) == 5 * n_virtual + 1  # q, k, v, attention output, MLP bypass; the head
+    targets = 3 if preset == "record" else 5  # q, k, v, attention output, MLP bypass (the record: no q, v); the head
+    assert len(lora.A) == len(lora.B) == targets * n_virtual + 1
     ids = torch.randint(2, 1024, (2, 24), generator=torch.Generator().manual_seed(1))
     base = model(ids, ids, reduction="none").view(2, -1)
     model.lora = lora

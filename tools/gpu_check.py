@@ -752,9 +752,10 @@ def part_phased(ctx, preset, res):
     doc_model = doc_lengths(VAL_DOCS, val_full, sizes["doc_sigma"], hp.seed)
     res.update("", {"attention": kernel, "device": device_name(A), "sample_docs": sizes["phased_docs"],
                     "sample_doc_cap": sizes["phased_cap"], "val_tokens_projected": val_full})
-    # the sample's phases end at fractions of its own documents (pausing as one rank would, not 8: the sample is
-    # small), so that its global phases run and are timed; the projection keeps the real TTT_PREFIX_DOCS
-    hp_sample = A.hp_with(TTT_MODE="phased", TTT_PREFIX_DOCS=min(hp.ttt_prefix_docs, sizes["phased_docs"]),
+    # the sample's phases end within the first half of its own documents (pausing as one rank would, not 8: the
+    # sample is small), so that its global phases run and are timed, even a single one (a phase after the last batch
+    # never runs); the projection keeps the real TTT_PREFIX_DOCS
+    hp_sample = A.hp_with(TTT_MODE="phased", TTT_PREFIX_DOCS=min(hp.ttt_prefix_docs, sizes["phased_docs"] // 2),
                           TTT_PAUSE_RANKS=1)
     reset_peak(A)
     result, interrupted = None, None

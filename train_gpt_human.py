@@ -80,6 +80,7 @@ class Hyperparameters:
     rope_base: float = 10000.0
     rope_ntk_len: int = 1024  # rows longer than this scale the RoPE base NTK-style (#1089's rule); 0 = never
     logit_softcap: float = 30.0
+    ce_chunk_tokens: int = 0  # > 0: the softcapped cross-entropy in chunks of this many tokens, recomputed in backward
     qk_gain_init: float = 4.0
     xsa_last_n: int = 11
     ve_dim: int = 128
@@ -217,7 +218,7 @@ class Hyperparameters:
         for name in ["iterations", "warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
                      "gptq_calib_batches", "ttt_epochs", "ttt_freeze_blocks", "grad_accum_steps", "val_max_tokens",
                      "engram_buckets", "ve_dim", "num_loops", "swa_every", "lqer_rank", "lqer_top_k", "ttt_prefix_docs",
-                     "ttt_phases", "rope_ntk_len"]:
+                     "ttt_phases", "rope_ntk_len", "ce_chunk_tokens"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
         head_dim = self.model_dim // self.num_heads
@@ -733,6 +734,21 @@ class TiedHead(nn.Module):
         return F.linear(x, weight.to(x.dtype))
 
 
+def softcap_cross_entropy(logits_of, h, targets, softcap, reduction="mean", chunk=0):
+    """Cross-entropy of softcap * tanh(logits_of(h) / softcap) in fp32.  chunk > 0: `chunk` tokens at a time under
+    activation checkpointing (the backward recomputes each chunk's logits), so that no (tokens x vocab) fp32 tensor
+    exists; the record's micro-batch makes 3.2 GB ones (98,304 x 8,192)."""
+    def nll(h, targets, reduction):
+        logits = softcap * torch.tanh(logits_of(h).float() / softcap)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+
+    if not chunk:
+        return nll(h, targets, reduction)
+    pieces = zip(h.reshape(-1, h.size(-1)).split(chunk), targets.reshape(-1).split(chunk))
+    out = torch.cat([torch.utils.checkpoint.checkpoint(nll, *p, "none", use_reentrant=False) for p in pieces])
+    return out.mean() if reduction == "mean" else out.sum() if reduction == "sum" else out
+
+
 class EngramLite(nn.Module):
     """Hashed bigram and trigram embeddings (two hash functions per order, ENGRAM_BUCKETS buckets each),
     projected to the model width through a learned sigmoid gate: cheap n-gram memory."""
@@ -866,12 +882,13 @@ class GPT(nn.Module):
                 lanes = block.forward_lanes(lanes, x0, banks, ve, docs, self.lane_post[i], self.lane_resid[i], lora)
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
-        h = rms_norm(x)
-        logits = self.head(h, self.tok_emb.weight)
-        if self.lora is not None:
-            logits = logits + self.lora.pair(-1, h)  # the LM head's adapter
-        logits = self.softcap * torch.tanh(logits.float() / self.softcap)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+
+        def logits_of(h):
+            logits = self.head(h, self.tok_emb.weight)
+            return logits if self.lora is None else logits + self.lora.pair(-1, h)  # the LM head's adapter
+
+        chunk = self.hp.ce_chunk_tokens if self.lora is None else 0  # the adapter reads whole (B, T) rows: no chunks
+        return softcap_cross_entropy(logits_of, rms_norm(x), targets, self.softcap, reduction, chunk)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,138 @@
+"""The training step's overheads (issue #19), each against the plain path on CPU: the chunked softcap cross-entropy,
+the bf16 residual stream, Parallel Muon's bf16 communication and the compiled Newton-Schulz."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import train_gpt_human as tg
+from test_core import noisy_model  # every parameter perturbed: zero-initialised branches matter
+
+
+def small_hp(**overrides):
+    """The record's model class (loops, parallel lanes, gated smear, attention gate, U-Net skips) at toy size."""
+    values = dict(tg.PRESETS["record"], num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=512,
+                  train_seq_len=64, eval_seq_len=64, ttt_doc_chunk=32, loop_start=1, loop_end=2, parallel_start=2,
+                  device="cpu", compile=0)
+    values.update(overrides)
+    hp = tg.Hyperparameters(**values)
+    hp.validate()
+    return hp
+
+
+def batch(hp, rows=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, hp.vocab_size, (rows, hp.train_seq_len + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Softcap + cross-entropy in chunks
+# ----------------------------------------------------------------------------------------------------
+
+N, D, V, CHUNK = 1000, 16, 256, 300  # 300 does not divide 1000: chunks of 300, 300, 300, 100
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_chunked_cross_entropy_equals_plain_and_never_holds_tokens_by_vocab(reduction):
+    torch.manual_seed(0)
+    h0, w0 = 3 * torch.randn(N, D), torch.randn(V, D)  # logits ~ N(0, 12^2): the softcap at 30 bends them
+    targets = torch.randint(0, V, (N,))
+    results = {}
+    for chunk in (0, CHUNK):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        calls = []
+
+        def logits_of(x):
+            calls.append(x.size(0))
+            return F.linear(x, w)
+
+        with LargestTensor() as largest:
+            loss = tg.softcap_cross_entropy(logits_of, h, targets, 30.0, reduction, chunk)
+            forward_calls = list(calls)
+            grads = torch.autograd.grad((loss * torch.linspace(0.5, 1.5, loss.numel()).view_as(loss)).sum(), (h, w))
+        results[chunk] = loss.detach(), grads, forward_calls, calls, largest.numel
+    loss, grads, forward_calls, calls, largest = results[CHUNK]
+    plain_loss, plain_grads, *_, plain_largest = results[0]
+    assert loss.shape == plain_loss.shape == ((N,) if reduction == "none" else ())
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-5)
+    for g, plain in zip(grads, plain_grads):
+        torch.testing.assert_close(g, plain, rtol=1e-5, atol=1e-5)
+    assert forward_calls == [300, 300, 300, 100]
+    assert calls[4:] == forward_calls[::-1]  # the backward recomputes each chunk's logits (last first), kept none
+    assert plain_largest == N * V and largest == CHUNK * V  # (N, D) and (V, D) are smaller
+
+
+def test_model_loss_and_gradients_with_chunked_cross_entropy_equal_plain():
+    hp = small_hp()
+    x, y = batch(hp)  # 128 tokens, chunks of 48
+    losses, grads = {}, {}
+    for chunk, head_calls in ((0, 2), (48, 9)):  # chunked: 3 forward, 3 recomputed in backward, 3 unreduced
+        model = noisy_model(tg.Hyperparameters(**{**vars(hp), "ce_chunk_tokens": chunk}))
+        calls = []
+        model.head.register_forward_hook(lambda *_: calls.append(1))
+        loss = model(x, y)
+        loss.backward()
+        losses[chunk] = loss.detach(), model(x, y, reduction="none").detach()
+        grads[chunk] = {n: p.grad for n, p in model.named_parameters()}
+        assert len(calls) == head_calls
+    for a, b in zip(losses[48], losses[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert losses[0][1].shape == (x.numel(),)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[48][name], g, rtol=1e-5, atol=1e-6, msg=name)
+    assert grads[0]["tok_emb.weight"].abs().max() > 1e-3  # the tied head's gradient is compared, and is not tiny
+
+
+def test_compiled_chunked_cross_entropy_saves_no_tokens_by_vocab_tensor_for_backward():
+    """Under torch.compile (one graph, AOTAutograd's partitioner) the chunks' logits are recomputed too."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch.manual_seed(0)
+    h, w, targets = torch.randn(N, D, requires_grad=True), torch.randn(V, D), torch.randint(0, V, (N,))
+    for chunk in (0, CHUNK):
+        saved = []
+
+        def forward_graph(gm, example_inputs):
+            outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+            saved.extend(n.meta["val"].numel() for n in outputs if hasattr(n, "meta") and "val" in n.meta)
+            return gm.forward
+
+        def loss_of(h):
+            return tg.softcap_cross_entropy(lambda x: F.linear(x, w), h, targets, 30.0, "mean", chunk)
+
+        torch._dynamo.reset()
+        backend = aot_autograd(fw_compiler=forward_graph, bw_compiler=lambda gm, _: gm.forward)
+        loss = torch.compile(loss_of, fullgraph=True, backend=backend)(h)
+        torch.testing.assert_close(loss, tg.softcap_cross_entropy(lambda x: F.linear(x, w), h, targets, 30.0))
+        loss.backward()
+        assert (max(saved) >= N * V) == (chunk == 0)  # the plain graph keeps (N, V) logits for its backward
+
+
+def test_lora_head_adapter_keeps_the_plain_path():
+    hp = small_hp(ce_chunk_tokens=48)
+    model = noisy_model(hp)
+    x, y = batch(hp)
+    base = model(x, y, reduction="none").detach()
+    model.lora = tg.LoRA(model, x.size(0), 4, seed=0)
+    with torch.no_grad():
+        model.lora.B[-1].normal_()  # only the head's adapter is non-zero
+    adapted = model(x, y, reduction="none")
+    model.hp.ce_chunk_tokens = 0
+    torch.testing.assert_close(adapted, model(x, y, reduction="none"), rtol=0, atol=0)
+    assert (adapted - base).abs().max() > 1e-2  # the head's adapter really applies

@@ -81,6 +81,7 @@ class Hyperparameters:
     rope_ntk_len: int = 1024  # rows longer than this scale the RoPE base NTK-style (#1089's rule); 0 = never
     logit_softcap: float = 30.0
     ce_chunk_tokens: int = 0  # > 0: the softcapped cross-entropy in chunks of this many tokens, recomputed in backward
+    bf16_stream: int = 1  # 1 = under bf16 autocast (CUDA) the residual stream is bf16 too, as the references'; 0 = fp32
     qk_gain_init: float = 4.0
     xsa_last_n: int = 11
     ve_dim: int = 128
@@ -858,6 +859,8 @@ class GPT(nn.Module):
     def forward(self, ids, targets, reduction="mean", docs=None):
         """Cross-entropy of `targets` given `ids` (B, T); docs: document-isolated attention (device_batch)."""
         x = x0 = self.embed(ids)
+        if self.hp.bf16_stream and torch.is_autocast_enabled(ids.device.type):  # else the residual adds promote to fp32
+            x = x0 = x.to(torch.get_autocast_dtype(ids.device.type))
         ve = 0.1 * F.linear(self.ve_table(ids), fake_quantized(self.ve_proj).to(x.dtype)) if self.hp.ve_dim else None
         banks, skips, lanes = self.banks(), [], None
         encoder, decoder = layer_order(self.hp, self.looping)

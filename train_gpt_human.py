@@ -130,6 +130,7 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = 1500
     muon_backend_steps: int = 4
     muon_variant: str = "turbo"  # turbo: AOL + Polar Express, then row/col norm; eqr: row norm, then Polar Express
+    muon_comm_bf16: int = 1  # 1 = across ranks, gradients are reduce-scattered and updates all-gathered in bf16
     muon_wd: float = 0.04
     grad_clip_norm: float = 0.3
     # weight averaging and late QAT
@@ -953,10 +954,10 @@ class Muon:
     Across W ranks: each bank's gradient is reduce-scattered over its first dim, every rank orthogonalises
     its own shard, and an all-gather brings the updates back (no DDP, no redundant Newton-Schulz)."""
 
-    def __init__(self, params, lr, momentum, wd, steps, world_size, variant="turbo"):
+    def __init__(self, params, lr, momentum, wd, steps, world_size, variant="turbo", comm_dtype=torch.float32):
         self.params = sorted(params, key=lambda p: p.numel(), reverse=True)  # largest first: longest comms first
         self.lr, self.momentum, self.wd, self.steps, self.world_size = lr, momentum, wd, steps, world_size
-        self.variant = variant
+        self.variant, self.comm_dtype = variant, comm_dtype  # momentum and the parameters stay fp32 either way
         self.buffers = [torch.zeros_like(self._padded(p.detach())[:self._shard(p)]) for p in self.params]
 
     def _padded(self, t):
@@ -975,22 +976,24 @@ class Muon:
             if self.world_size == 1:
                 out.append((g, None))
                 continue
+            g = g.to(self.comm_dtype).contiguous()
             shard = torch.empty_like(g[:self._shard(p)])
-            out.append((shard, dist.reduce_scatter_tensor(shard, g.contiguous(), op=dist.ReduceOp.AVG, async_op=True)))
+            out.append((shard, dist.reduce_scatter_tensor(shard, g, op=dist.ReduceOp.AVG, async_op=True)))
         return out
 
     def launch_updates(self, shards, lr_scale, clip):
         """Momentum and orthogonalisation on this rank's shards; starts the all-gathers."""
         pending = []
         for p, (g, _), buf in zip(self.params, shards, self.buffers):
-            g = g * clip
+            g = g.float() * clip
             buf.mul_(self.momentum).add_(g)
-            update = muon_update(g.add(buf, alpha=self.momentum), self.steps, self.variant).to(p.dtype)  # Nesterov
+            update = muon_update(g.add(buf, alpha=self.momentum), self.steps, self.variant)  # Nesterov
             if self.world_size == 1:
-                pending.append((p, update, None))
+                pending.append((p, update.to(p.dtype), None))
                 continue
-            full = torch.empty_like(self._padded(p.detach()))
-            pending.append((p, full, dist.all_gather_into_tensor(full, update.contiguous(), async_op=True)))
+            update = update.to(self.comm_dtype).contiguous()
+            full = torch.empty_like(self._padded(p.detach()), dtype=self.comm_dtype)
+            pending.append((p, full, dist.all_gather_into_tensor(full, update, async_op=True)))
         return pending
 
     def finish(self, pending, lr_scale):
@@ -1070,7 +1073,7 @@ def build_optimizers(model, hp, world_size):
     tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     scalars = [p for p in model.parameters() if id(p) not in matrices and all(p is not t for t in tables)]
     muon = Muon(matrix_params(model), hp.matrix_lr, hp.muon_momentum, hp.muon_wd, hp.muon_backend_steps, world_size,
-                hp.muon_variant)
+                hp.muon_variant, torch.bfloat16 if hp.muon_comm_bf16 else torch.float32)
     adam = torch.optim.AdamW(
         [{"params": tables, "lr": hp.tied_embed_lr, "betas": (hp.embed_beta1, hp.adam_beta2),
           "weight_decay": hp.embed_wd},

@@ -954,10 +954,12 @@ class Muon:
     Across W ranks: each bank's gradient is reduce-scattered over its first dim, every rank orthogonalises
     its own shard, and an all-gather brings the updates back (no DDP, no redundant Newton-Schulz)."""
 
-    def __init__(self, params, lr, momentum, wd, steps, world_size, variant="turbo", comm_dtype=torch.float32):
+    def __init__(self, params, lr, momentum, wd, steps, world_size, variant="turbo", comm_dtype=torch.float32,
+                 compiled=False):
         self.params = sorted(params, key=lambda p: p.numel(), reverse=True)  # largest first: longest comms first
         self.lr, self.momentum, self.wd, self.steps, self.world_size = lr, momentum, wd, steps, world_size
         self.variant, self.comm_dtype = variant, comm_dtype  # momentum and the parameters stay fp32 either way
+        self.update = torch.compile(muon_update, dynamic=False) if compiled else muon_update  # a graph per bank shape
         self.buffers = [torch.zeros_like(self._padded(p.detach())[:self._shard(p)]) for p in self.params]
 
     def _padded(self, t):
@@ -987,7 +989,7 @@ class Muon:
         for p, (g, _), buf in zip(self.params, shards, self.buffers):
             g = g.float() * clip
             buf.mul_(self.momentum).add_(g)
-            update = muon_update(g.add(buf, alpha=self.momentum), self.steps, self.variant)  # Nesterov
+            update = self.update(g.add(buf, alpha=self.momentum), self.steps, self.variant)  # Nesterov
             if self.world_size == 1:
                 pending.append((p, update.to(p.dtype), None))
                 continue
@@ -1068,12 +1070,12 @@ def matrix_params(model):
     return [model.qo, model.kv, model.mlp_up, model.mlp_down] + extra
 
 
-def build_optimizers(model, hp, world_size):
+def build_optimizers(model, hp, world_size, compiled=False):
     matrices = {id(p) for p in matrix_params(model)}
     tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     scalars = [p for p in model.parameters() if id(p) not in matrices and all(p is not t for t in tables)]
     muon = Muon(matrix_params(model), hp.matrix_lr, hp.muon_momentum, hp.muon_wd, hp.muon_backend_steps, world_size,
-                hp.muon_variant, torch.bfloat16 if hp.muon_comm_bf16 else torch.float32)
+                hp.muon_variant, torch.bfloat16 if hp.muon_comm_bf16 else torch.float32, compiled)
     adam = torch.optim.AdamW(
         [{"params": tables, "lr": hp.tied_embed_lr, "betas": (hp.embed_beta1, hp.adam_beta2),
           "weight_decay": hp.embed_wd},
@@ -1207,7 +1209,7 @@ def train(model, hp, rt, val_tokens, luts):
     rt.log(f"world_size:{rt.world_size} grad_accum_steps:{accum} device:{rt.device.type}")
     step_model = maybe_compile(model, hp, rt)
     BankLinear.qat_bits, BankLinear.qat_alpha = hp.quant_base_bits, torch.ones((), device=rt.device)
-    opt = build_optimizers(model, hp, rt.world_size)
+    opt = build_optimizers(model, hp, rt.world_size, compile_enabled(hp, rt))
     files = shard_files(hp.data_path, "train")
     if hp.warmup_steps:  # compile/warm-up steps; the model and optimizer state are restored afterwards
         saved = copy.deepcopy(model.state_dict()), opt.state_dict()

@@ -80,6 +80,8 @@ class Hyperparameters:
     rope_base: float = 10000.0
     rope_ntk_len: int = 1024  # rows longer than this scale the RoPE base NTK-style (#1089's rule); 0 = never
     logit_softcap: float = 30.0
+    ce_chunk_tokens: int = 0  # > 0: the softcapped cross-entropy in chunks of this many tokens, recomputed in backward
+    bf16_stream: int = 1  # 1 = under bf16 autocast (CUDA) the residual stream is bf16 too, as the references'; 0 = fp32
     qk_gain_init: float = 4.0
     xsa_last_n: int = 11
     ve_dim: int = 128
@@ -130,6 +132,7 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = 1500
     muon_backend_steps: int = 4
     muon_variant: str = "turbo"  # turbo: AOL + Polar Express, then row/col norm; eqr: row norm, then Polar Express
+    muon_comm_bf16: int = 1  # 1 = across ranks, gradients are reduce-scattered and updates all-gathered in bf16
     muon_wd: float = 0.04
     grad_clip_norm: float = 0.3
     # weight averaging and late QAT
@@ -222,7 +225,7 @@ class Hyperparameters:
         for name in ["iterations", "warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
                      "gptq_calib_batches", "ttt_epochs", "ttt_freeze_blocks", "grad_accum_steps", "val_max_tokens",
                      "engram_buckets", "ve_dim", "num_loops", "swa_every", "lqer_rank", "lqer_top_k", "ttt_prefix_docs",
-                     "ttt_phases", "rope_ntk_len", "lqer_asym_group", "seq_change_warmup_steps"]:
+                     "ttt_phases", "rope_ntk_len", "lqer_asym_group", "seq_change_warmup_steps", "ce_chunk_tokens"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
         head_dim = self.model_dim // self.num_heads
@@ -768,6 +771,21 @@ class TiedHead(nn.Module):
         return F.linear(x, weight.to(x.dtype))
 
 
+def softcap_cross_entropy(logits_of, h, targets, softcap, reduction="mean", chunk=0):
+    """Cross-entropy of softcap * tanh(logits_of(h) / softcap) in fp32.  chunk > 0: `chunk` tokens at a time under
+    activation checkpointing (the backward recomputes each chunk's logits), so that no (tokens x vocab) fp32 tensor
+    exists; the record's micro-batch makes 3.2 GB ones (98,304 x 8,192)."""
+    def nll(h, targets, reduction):
+        logits = softcap * torch.tanh(logits_of(h).float() / softcap)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+
+    if not chunk:
+        return nll(h, targets, reduction)
+    pieces = zip(h.reshape(-1, h.size(-1)).split(chunk), targets.reshape(-1).split(chunk))
+    out = torch.cat([torch.utils.checkpoint.checkpoint(nll, *p, "none", use_reentrant=False) for p in pieces])
+    return out.mean() if reduction == "mean" else out.sum() if reduction == "sum" else out
+
+
 class EngramLite(nn.Module):
     """Hashed bigram and trigram embeddings (two hash functions per order, ENGRAM_BUCKETS buckets each),
     projected to the model width through a learned sigmoid gate: cheap n-gram memory."""
@@ -877,6 +895,8 @@ class GPT(nn.Module):
     def forward(self, ids, targets, reduction="mean", docs=None):
         """Cross-entropy of `targets` given `ids` (B, T); docs: document-isolated attention (device_batch)."""
         x = x0 = self.embed(ids)
+        if self.hp.bf16_stream and torch.is_autocast_enabled(ids.device.type):  # else the residual adds promote to fp32
+            x = x0 = x.to(torch.get_autocast_dtype(ids.device.type))
         ve = 0.1 * F.linear(self.ve_table(ids), fake_quantized(self.ve_proj).to(x.dtype)) if self.hp.ve_dim else None
         banks, skips, lanes = self.banks(), [], None
         encoder, decoder = layer_order(self.hp, self.looping)
@@ -901,12 +921,13 @@ class GPT(nn.Module):
                 lanes = block.forward_lanes(lanes, x0, banks, ve, docs, self.lane_post[i], self.lane_resid[i], lora)
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
-        h = rms_norm(x)
-        logits = self.head(h, self.tok_emb.weight)
-        if self.lora is not None:
-            logits = logits + self.lora.pair(-1, h)  # the LM head's adapter
-        logits = self.softcap * torch.tanh(logits.float() / self.softcap)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+
+        def logits_of(h):
+            logits = self.head(h, self.tok_emb.weight)
+            return logits if self.lora is None else logits + self.lora.pair(-1, h)  # the LM head's adapter
+
+        chunk = self.hp.ce_chunk_tokens if self.lora is None else 0  # the adapter reads whole (B, T) rows: no chunks
+        return softcap_cross_entropy(logits_of, rms_norm(x), targets, self.softcap, reduction, chunk)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -968,10 +989,12 @@ class Muon:
     Across W ranks: each bank's gradient is reduce-scattered over its first dim, every rank orthogonalises
     its own shard, and an all-gather brings the updates back (no DDP, no redundant Newton-Schulz)."""
 
-    def __init__(self, params, lr, momentum, wd, steps, world_size, variant="turbo"):
+    def __init__(self, params, lr, momentum, wd, steps, world_size, variant="turbo", comm_dtype=torch.float32,
+                 compiled=False):
         self.params = sorted(params, key=lambda p: p.numel(), reverse=True)  # largest first: longest comms first
         self.lr, self.momentum, self.wd, self.steps, self.world_size = lr, momentum, wd, steps, world_size
-        self.variant = variant
+        self.variant, self.comm_dtype = variant, comm_dtype  # momentum and the parameters stay fp32 either way
+        self.update = torch.compile(muon_update, dynamic=False) if compiled else muon_update  # a graph per bank shape
         self.buffers = [torch.zeros_like(self._padded(p.detach())[:self._shard(p)]) for p in self.params]
 
     def _padded(self, t):
@@ -990,22 +1013,24 @@ class Muon:
             if self.world_size == 1:
                 out.append((g, None))
                 continue
+            g = g.to(self.comm_dtype).contiguous()
             shard = torch.empty_like(g[:self._shard(p)])
-            out.append((shard, dist.reduce_scatter_tensor(shard, g.contiguous(), op=dist.ReduceOp.AVG, async_op=True)))
+            out.append((shard, dist.reduce_scatter_tensor(shard, g, op=dist.ReduceOp.AVG, async_op=True)))
         return out
 
     def launch_updates(self, shards, lr_scale, clip):
         """Momentum and orthogonalisation on this rank's shards; starts the all-gathers."""
         pending = []
         for p, (g, _), buf in zip(self.params, shards, self.buffers):
-            g = g * clip
+            g = g.float() * clip
             buf.mul_(self.momentum).add_(g)
-            update = muon_update(g.add(buf, alpha=self.momentum), self.steps, self.variant).to(p.dtype)  # Nesterov
+            update = self.update(g.add(buf, alpha=self.momentum), self.steps, self.variant)  # Nesterov
             if self.world_size == 1:
-                pending.append((p, update, None))
+                pending.append((p, update.to(p.dtype), None))
                 continue
-            full = torch.empty_like(self._padded(p.detach()))
-            pending.append((p, full, dist.all_gather_into_tensor(full, update.contiguous(), async_op=True)))
+            update = update.to(self.comm_dtype).contiguous()
+            full = torch.empty_like(self._padded(p.detach()), dtype=self.comm_dtype)
+            pending.append((p, full, dist.all_gather_into_tensor(full, update, async_op=True)))
         return pending
 
     def finish(self, pending, lr_scale):
@@ -1080,12 +1105,12 @@ def matrix_params(model):
     return [model.qo, model.kv, model.mlp_up, model.mlp_down] + extra
 
 
-def build_optimizers(model, hp, world_size):
+def build_optimizers(model, hp, world_size, compiled=False):
     matrices = {id(p) for p in matrix_params(model)}
     tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     scalars = [p for p in model.parameters() if id(p) not in matrices and all(p is not t for t in tables)]
     muon = Muon(matrix_params(model), hp.matrix_lr, hp.muon_momentum, hp.muon_wd, hp.muon_backend_steps, world_size,
-                hp.muon_variant)
+                hp.muon_variant, torch.bfloat16 if hp.muon_comm_bf16 else torch.float32, compiled)
     adam = torch.optim.AdamW(
         [{"params": tables, "lr": hp.tied_embed_lr, "betas": (hp.embed_beta1, hp.adam_beta2),
           "weight_decay": hp.embed_wd},
@@ -1232,7 +1257,7 @@ def train(model, hp, rt, val_tokens, luts):
     rt.log(f"world_size:{rt.world_size} grad_accum_steps:{accum} device:{rt.device.type}")
     step_model = maybe_compile(model, hp, rt)
     BankLinear.qat_bits, BankLinear.qat_alpha = hp.quant_base_bits, torch.ones((), device=rt.device)
-    opt = build_optimizers(model, hp, rt.world_size)
+    opt = build_optimizers(model, hp, rt.world_size, compile_enabled(hp, rt))
     files = shard_files(hp.data_path, "train")
     if hp.warmup_steps:  # compile/warm-up steps; the model and optimizer state are restored afterwards
         saved = copy.deepcopy(model.state_dict()), opt.state_dict()

@@ -54,7 +54,8 @@ def test_two_processes_match_one_process_with_same_global_batch(tiny_env, tmp_pa
     env = dict(tiny_env, ITERATIONS=str(STEPS), WARMDOWN_ITERS="8", WARMUP_STEPS="0", TRAIN_LOG_EVERY="1000",
                # 3 layers: mlp_up/mlp_down banks have 3 matrices, padded to 4 for 2 ranks; the 2-D matrices
                # (engram.proj, ve_proj) are banks of 1 padded to 2, so rank 1 orthogonalises a zero shard.
-               NUM_LAYERS="3")
+               NUM_LAYERS="3",
+               MUON_COMM_BF16="0")  # fp32 communication, for the exact match (bf16: tests/test_step_speed.py)
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     runs = {}

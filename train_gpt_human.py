@@ -189,6 +189,10 @@ class Hyperparameters:
     ttt_global_optimizer: str = "sgd"  # sgd or muon: the base weights' optimizer in the global phases
     ttt_global_lr: float = 1e-3
     eval_budget_seconds: float = 570.0
+    ngram_tilt: str = ""  # "" = off; doc / stream: tilt each prediction to its n-gram hint, state per document / stream
+    ngram_order: int = 16  # the hint's context: the NGRAM_ORDER - 1 tokens ending at the prediction
+    ngram_threshold: float = 0.8  # tilt where the hint's share of that context's earlier continuations is >= this
+    ngram_boost: float = 2.625  # the logit added to the hint, after the softcap
 
     @classmethod
     def from_env(cls, env=None):
@@ -243,9 +247,12 @@ class Hyperparameters:
                               ("muon_variant", ("turbo", "eqr")), ("quant_mode", ("mixed", "sdclip")),
                               ("ttt_mode", ("chunk", "phased")), ("ttt_lora_optimizer", ("adamw", "muon")),
                               ("ttt_global_optimizer", ("sgd", "muon")), ("attn_out_init", ("mimetic", "zero")),
-                              ("attn_kernel", ("", "fa3", "fa4", "flex", "sdpa"))):
+                              ("attn_kernel", ("", "fa3", "fa4", "flex", "sdpa")),
+                              ("ngram_tilt", ("", "doc", "stream"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name.upper()} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.ngram_order < 2:
+            raise ConfigError(f"NGRAM_ORDER must be >= 2, got {self.ngram_order}")
         if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
             raise ConfigError(f"need 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
         if not 0 <= self.parallel_start < self.num_layers:
@@ -260,11 +267,11 @@ class Hyperparameters:
         for name in ["matrix_lr", "tied_embed_lr", "scalar_lr", "ttt_lr", "muon_wd", "adam_wd", "grad_clip_norm",
                      "ttt_grad_clip", "eval_budget_seconds", "gptq_reserve_ms", "gptq_damp", "alloc_overshoot",
                      "embed_wd", "clip_sigmas_attn", "clip_sigmas_mlp", "clip_sigmas_embed", "ttt_lora_lr",
-                     "ttt_lora_wd", "ttt_global_lr"]:
+                     "ttt_lora_wd", "ttt_global_lr", "ngram_boost"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
         for name in ["ema_decay", "swa_start_scale", "ttt_polyak_decay", "qat_threshold", "lr_floor", "warmdown_frac",
-                     "loop_enable_at"]:
+                     "loop_enable_at", "ngram_threshold"]:
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name.upper()} must be in [0, 1], got {getattr(self, name)}")
         self.ve_layer_ids()
@@ -320,7 +327,7 @@ def check_unknown_env(env, names):
     """A variable that looks like ours (distinctive prefix, or close to a real name) but is not one is
     an error: a misspelt TTT_EPOCH=2 must not run silently with the default."""
     distinctive = {"TTT", "GPTQ", "MUON", "QAT", "EMA", "SWA", "XSA", "ENGRAM", "VE", "QUANT", "ADAM", "ROPE", "LOOP",
-                   "SMEAR", "LQER", "CLIP"}
+                   "SMEAR", "LQER", "CLIP", "NGRAM"}
     prefixes = {n.split("_")[0] for n in names}
     for key in env:
         if key in names or key in FOREIGN_ENV or "_" not in key:
@@ -856,7 +863,7 @@ class GPT(nn.Module):
         x = rms_norm(x)
         return x + torch.sigmoid(self.smear_gate).to(x.dtype) * (previous_token(x) - x)  # causal blend
 
-    def forward(self, ids, targets, reduction="mean", docs=None):
+    def forward(self, ids, targets, reduction="mean", docs=None, tilt=None):
         """Cross-entropy of `targets` given `ids` (B, T); docs: document-isolated attention (device_batch)."""
         x = x0 = self.embed(ids)
         ve = 0.1 * F.linear(self.ve_table(ids), fake_quantized(self.ve_proj).to(x.dtype)) if self.hp.ve_dim else None
@@ -888,6 +895,8 @@ class GPT(nn.Module):
         if self.lora is not None:
             logits = logits + self.lora.pair(-1, h)  # the LM head's adapter
         logits = self.softcap * torch.tanh(logits.float() / self.softcap)
+        if tilt is not None:  # NGRAM_TILT's (hints, boosts) (B, T): + boost at the hint, still a softmax
+            logits = logits.scatter_add(-1, tilt[0][..., None], tilt[1][..., None])
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
 
@@ -1362,7 +1371,8 @@ def score_windows(model, tokens, windows, hp, rt, luts, counts=None):
         batch = windows[i:i + hp.eval_batch_seqs]
         x, y, docs, mask = padded_batch(tokens, batch, hp.eval_batch_seqs, hp.eval_seq_len, hp, rt.device)
         with rt.autocast():
-            nll = model(x, y, reduction="none", docs=docs).view(mask.shape).double()
+            tilt = batch_tilt(luts, batch, hp.eval_batch_seqs, hp.eval_seq_len, rt.device)
+            nll = model(x, y, reduction="none", docs=docs, tilt=tilt).view(mask.shape).double()
         add_scores(totals, nll, x, y, mask, batch, luts, counts)
     return totals
 
@@ -1403,6 +1413,43 @@ def eval_full(model, tokens, hp, rt, luts):
     """The baseline's eval: non-overlapping EVAL_SEQ_LEN sequences (a tail shorter than one is not scored)."""
     n = (len(tokens) - 1) // hp.eval_seq_len * hp.eval_seq_len
     return eval_sliding(model, tokens[:n + 1], hp, rt, luts, stride=hp.eval_seq_len)
+
+
+def ngram_tilt(tokens, hp, rt):
+    """NGRAM_TILT's (hints, boosts) per prediction p (target tokens[p + 1]), or None when off.  The hint is the token
+    that most often followed p's context (the NGRAM_ORDER - 1 tokens ending at p) at earlier predictions (targets in
+    p's prefix; a tie keeps the one that got there first), boosted by NGRAM_BOOST where it took >= NGRAM_THRESHOLD of
+    them; scope doc counts only p's document.  Phased TTT's adapters train on the tilted loss they are scored by (the
+    hints read only the prefix: still score-first), chunk TTT and global phases untilted (rows not stream windows)."""
+    if not hp.ngram_tilt:
+        return None
+    t0, t, W = time.perf_counter(), tokens.to(rt.device), hp.ngram_order - 1
+    pos, bos = torch.arange(len(t) - 1, device=t.device), t[:-1] == BOS_ID
+    word = torch.randint(2**63 - 1, (hp.vocab_size,), generator=torch.Generator().manual_seed(0)).to(t.device)[t[:-1]]
+    key = bos.cumsum(0) * (hp.ngram_tilt == "doc")  # scope doc: the document's index keys its contexts apart
+    for j in range(W):  # a 64-bit hash: a collision only adds noise, never breaks normalisation or causality
+        key = key * -7046029254386353131 + word.roll(j)  # a polynomial (odd multiplier) over random words
+    p = pos[W - 1:]  # whole contexts; scope doc: one reaching past its BOS never matches (none other has it there)
+    key, order = key[p].sort(stable=True)  # grouped by context, in stream order within a group
+    p, i, first = p[order], torch.arange(len(p), device=t.device), torch.searchsorted(key, key)
+    y, seen, group = t[p + 1], i - first, first * (len(p) + hp.vocab_size)  # seen: the context's earlier occurrences
+    pairs, by_pair = (group + y).sort(stable=True)
+    count = torch.empty_like(p).index_copy_(0, by_pair, i - torch.searchsorted(pairs, pairs) + 1)  # (context, y) so far
+    top = torch.where(seen > 0, ((group + count).cummax(0).values - group).roll(1), 0)  # the top count before it
+    leader = torch.where(count > top, i, 0).cummax(0).values  # the occurrence that made the top token
+    gated = top.double() / seen >= hp.ngram_threshold  # 0 / 0 (a context not seen before) never passes
+    hints, boosts = torch.zeros_like(pos), torch.zeros(len(pos), device=t.device)
+    hints[p[gated]], boosts[p[gated]] = y[leader.roll(1)[gated]], hp.ngram_boost
+    rt.log(f"ngram:tilt scope:{hp.ngram_tilt} order:{hp.ngram_order} gated:{float(gated.sum()) / len(pos):.4f} "
+           f"build:{time.perf_counter() - t0:.1f}s")
+    return hints, boosts
+
+
+def batch_tilt(luts, windows, rows, length, device):
+    """The tilt (luts[4], from ngram_tilt) at a padded batch's predictions: window start + column; or None."""
+    at = torch.tensor([w[0] for w in windows] + [0] * (rows - len(windows)), device=device)[:, None]
+    at = at + torch.arange(length, device=device)
+    return None if len(luts) < 5 or luts[4] is None else tuple(a[at.clamp(max=len(a) - 1)] for a in luts[4])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2116,7 +2163,8 @@ def score_doc_batch(model, lora, tokens, docs, hp, rt, luts, counts=None, seed=N
             last.append(hi == e)
         x, y, _, mask = padded_batch(tokens, windows, rows, length, hp, rt.device, isolate=False)
         with rt.autocast():
-            nll = model(x, y, reduction="none").float().view(mask.shape)
+            tilt = batch_tilt(luts, windows, rows, length, rt.device)
+            nll = model(x, y, reduction="none", tilt=tilt).float().view(mask.shape)
         add_scores(totals, nll.detach().double(), x, y, mask, windows, luts, counts)
         if not all(last):  # each document's mean over its chunk: its adapter's gradient is its own
             train = mask & ~torch.tensor(last, device=rt.device)[:, None]
@@ -2377,6 +2425,7 @@ def run_eval_phase(artifact_path, val_tokens, hp, rt, luts):
         warm_up_ttt(ttt_model, hp, rt, luts)
         rt.log(f"ttt:warmup compile on random tokens, untimed: {time.perf_counter() - t0:.1f}s")
     eval_start = time.perf_counter()
+    luts = (*luts, None)[:4] + (ngram_tilt(val_tokens, hp, rt),)  # inside the eval clock: it reads validation tokens
     if hp.eval_int6_sliding > 0 or (hp.eval_int6_sliding < 0 and not hp.ttt_enabled):
         t0 = time.perf_counter()
         loss, bpb = eval_sliding(scorer, val_tokens, hp, rt, luts)
@@ -2402,9 +2451,10 @@ def warm_up_ttt(model, hp, rt, luts):
     tokens = torch.randint(2, hp.vocab_size, (2 * n + 1 if hp.ttt_mode == "phased" else 2 * hp.ttt_chunk_tokens + 1,),
                            generator=torch.Generator().manual_seed(hp.seed))
     tokens[0] = tokens[n] = BOS_ID
+    rt = dataclasses.replace(rt, verbose=False)
     eval_ttt(model, tokens, dataclasses.replace(hp, ttt_doc_batch=1, ttt_prefix_docs=1, ttt_phases=1,
                                                 eval_budget_seconds=float("inf")),
-             dataclasses.replace(rt, verbose=False), luts, time.perf_counter())
+             rt, (*luts, None)[:4] + (ngram_tilt(tokens, hp, rt),), time.perf_counter())  # compiles the tilt too
     base.load_state_dict(saved)
 
 

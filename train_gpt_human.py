@@ -194,6 +194,10 @@ class Hyperparameters:
     ttt_global_optimizer: str = "sgd"  # sgd or muon: the base weights' optimizer in the global phases
     ttt_global_lr: float = 1e-3
     eval_budget_seconds: float = 570.0
+    ngram_tilt: str = ""  # "" = off; doc / stream: tilt each prediction to its n-gram hint, state per document / stream
+    ngram_order: int = 16  # the hint's context: the NGRAM_ORDER - 1 tokens ending at the prediction
+    ngram_threshold: float = 0.8  # tilt where the hint's share of that context's earlier continuations is >= this
+    ngram_boost: float = 2.625  # the logit added to the hint, after the softcap
 
     @classmethod
     def from_env(cls, env=None):
@@ -225,7 +229,11 @@ class Hyperparameters:
         for name in ["iterations", "warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
                      "gptq_calib_batches", "ttt_epochs", "ttt_freeze_blocks", "grad_accum_steps", "val_max_tokens",
                      "engram_buckets", "ve_dim", "num_loops", "swa_every", "lqer_rank", "lqer_top_k", "ttt_prefix_docs",
-                     "ttt_phases", "rope_ntk_len", "lqer_asym_group", "seq_change_warmup_steps", "ce_chunk_tokens"]:
+                     "ttt_phases", "rope_ntk_len", "lqer_asym_group", "seq_change_warmup_steps", "ce_chunk_tokens",
+                     "matrix_lr", "tied_embed_lr", "scalar_lr", "ttt_lr", "muon_wd", "adam_wd", "grad_clip_norm",
+                     "ttt_grad_clip", "eval_budget_seconds", "gptq_reserve_ms", "gptq_damp", "alloc_overshoot",
+                     "embed_wd", "clip_sigmas_attn", "clip_sigmas_mlp", "clip_sigmas_embed", "ttt_lora_lr",
+                     "ttt_lora_wd", "ttt_global_lr", "ngram_boost"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
         head_dim = self.model_dim // self.num_heads
@@ -255,9 +263,12 @@ class Hyperparameters:
                               ("muon_variant", ("turbo", "eqr")), ("quant_mode", ("mixed", "sdclip")),
                               ("ttt_mode", ("chunk", "phased")), ("ttt_lora_optimizer", ("adamw", "muon")),
                               ("ttt_global_optimizer", ("sgd", "muon")), ("attn_out_init", ("mimetic", "zero")),
-                              ("attn_kernel", ("", "fa3", "fa4", "flex", "sdpa"))):
+                              ("attn_kernel", ("", "fa3", "fa4", "flex", "sdpa")),
+                              ("ngram_tilt", ("", "doc", "stream"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name.upper()} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.ngram_order < 2:
+            raise ConfigError(f"NGRAM_ORDER must be >= 2, got {self.ngram_order}")
         if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
             raise ConfigError(f"need 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
         if not 0 <= self.parallel_start < self.num_layers:
@@ -269,14 +280,8 @@ class Hyperparameters:
         for f in dataclasses.fields(self):
             if isinstance(f.default, float) and not math.isfinite(getattr(self, f.name)):
                 raise ConfigError(f"{f.name.upper()} must be a finite number, got {getattr(self, f.name)}")
-        for name in ["matrix_lr", "tied_embed_lr", "scalar_lr", "ttt_lr", "muon_wd", "adam_wd", "grad_clip_norm",
-                     "ttt_grad_clip", "eval_budget_seconds", "gptq_reserve_ms", "gptq_damp", "alloc_overshoot",
-                     "embed_wd", "clip_sigmas_attn", "clip_sigmas_mlp", "clip_sigmas_embed", "ttt_lora_lr",
-                     "ttt_lora_wd", "ttt_global_lr"]:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
         for name in ["ema_decay", "swa_start_scale", "ttt_polyak_decay", "qat_threshold", "lr_floor", "warmdown_frac",
-                     "loop_enable_at"]:
+                     "loop_enable_at", "ngram_threshold"]:
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name.upper()} must be in [0, 1], got {getattr(self, name)}")
         self.ve_layer_ids()
@@ -341,7 +346,7 @@ def check_unknown_env(env, names):
     """A variable that looks like ours (distinctive prefix, or close to a real name) but is not one is
     an error: a misspelt TTT_EPOCH=2 must not run silently with the default."""
     distinctive = {"TTT", "GPTQ", "MUON", "QAT", "EMA", "SWA", "XSA", "ENGRAM", "VE", "QUANT", "ADAM", "ROPE", "LOOP",
-                   "SMEAR", "LQER", "CLIP"}
+                   "SMEAR", "LQER", "CLIP", "NGRAM"}
     prefixes = {n.split("_")[0] for n in names}
     for key in env:
         if key in names or key in FOREIGN_ENV or "_" not in key:
@@ -711,8 +716,7 @@ class Block(nn.Module):
         self.q, self.k, self.v, self.o, self.up, self.down = (BankLinear() for _ in range(6))
         self.rotary = Rotary(hp.rope_dims, hp.rope_base, hp.rope_ntk_len)
         self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
-        self.attn_scale = nn.Parameter(torch.ones(dim))
-        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))  # x <- a*x + b*x0, per channel
         self.ve_scale = nn.Parameter(torch.tensor(1.0)) if use_ve else None
         self.attn_gate = nn.Parameter(torch.zeros(hp.num_heads, GATE_WINDOW)) if hp.attn_gate else None
@@ -771,12 +775,15 @@ class TiedHead(nn.Module):
         return F.linear(x, weight.to(x.dtype))
 
 
-def softcap_cross_entropy(logits_of, h, targets, softcap, reduction="mean", chunk=0):
+def softcap_cross_entropy(logits_of, h, targets, softcap, reduction="mean", chunk=0, tilt=None):
     """Cross-entropy of softcap * tanh(logits_of(h) / softcap) in fp32.  chunk > 0: `chunk` tokens at a time under
     activation checkpointing (the backward recomputes each chunk's logits), so that no (tokens x vocab) fp32 tensor
-    exists; the record's micro-batch makes 3.2 GB ones (98,304 x 8,192)."""
+    exists; the record's micro-batch makes 3.2 GB ones (98,304 x 8,192).  tilt: NGRAM_TILT's (hints, boosts) (B, T),
+    + boost at the hint after the softcap, still a softmax (unchunked)."""
     def nll(h, targets, reduction):
         logits = softcap * torch.tanh(logits_of(h).float() / softcap)
+        if tilt is not None:
+            logits = logits.scatter_add(-1, tilt[0][..., None], tilt[1][..., None])
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
     if not chunk:
@@ -799,12 +806,9 @@ class EngramLite(nn.Module):
         nn.init.normal_(self.table.weight, std=0.01)
 
     def bucket_ids(self, cur):
-        prev = F.pad(cur, (1, 0))[:, :-1]
-        pprev = F.pad(cur, (2, 0))[:, :-2]
-        hashes = [prev * 1009 + cur,
-                  (prev * 2719 + 314159) ^ (cur * 3137),
-                  (pprev * 36313) ^ (prev * 27191) ^ (cur * 4903),
-                  (pprev * 7919) ^ (prev * 4391) ^ (cur * 6151)]
+        prev, pprev = F.pad(cur, (1, 0))[:, :-1], F.pad(cur, (2, 0))[:, :-2]
+        hashes = [prev * 1009 + cur, (prev * 2719 + 314159) ^ (cur * 3137),
+                  (pprev * 36313) ^ (prev * 27191) ^ (cur * 4903), (pprev * 7919) ^ (prev * 4391) ^ (cur * 6151)]
         return torch.stack([h % self.buckets + i * self.buckets for i, h in enumerate(hashes)], dim=-1)
 
     def forward(self, ids):
@@ -841,8 +845,7 @@ class GPT(nn.Module):
         self.head = TiedHead()
         self.engram = EngramLite(hp) if hp.engram_buckets else None
         if hp.smear == "gated":
-            self.smear_w = nn.Parameter(torch.zeros(GATE_WINDOW))
-            self.smear_lambda = nn.Parameter(torch.zeros(()))
+            self.smear_w, self.smear_lambda = nn.Parameter(torch.zeros(GATE_WINDOW)), nn.Parameter(torch.zeros(()))
         else:
             self.smear_gate = nn.Parameter(torch.zeros(d))
         ve_ids = hp.ve_layer_ids() if hp.ve_dim else []
@@ -856,8 +859,7 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(n_skips, d))
         self.skip_gates = nn.Parameter(torch.zeros(n_skips, d))  # sigmoid(0) = 0.5
         if hp.parallel_start:
-            self.lane_post = nn.Parameter(torch.ones(L, 2, 2))
-            self.lane_resid = nn.Parameter(torch.full((L, 2), 1.1))
+            self.lane_post, self.lane_resid = nn.Parameter(torch.ones(L, 2, 2)), nn.Parameter(torch.full((L, 2), 1.1))
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
         self.init_banks(hp)
 
@@ -892,7 +894,7 @@ class GPT(nn.Module):
         x = rms_norm(x)
         return x + torch.sigmoid(self.smear_gate).to(x.dtype) * (previous_token(x) - x)  # causal blend
 
-    def forward(self, ids, targets, reduction="mean", docs=None):
+    def forward(self, ids, targets, reduction="mean", docs=None, tilt=None):
         """Cross-entropy of `targets` given `ids` (B, T); docs: document-isolated attention (device_batch)."""
         x = x0 = self.embed(ids)
         if self.hp.bf16_stream and torch.is_autocast_enabled(ids.device.type):  # else the residual adds promote to fp32
@@ -926,8 +928,8 @@ class GPT(nn.Module):
             logits = self.head(h, self.tok_emb.weight)
             return logits if self.lora is None else logits + self.lora.pair(-1, h)  # the LM head's adapter
 
-        chunk = self.hp.ce_chunk_tokens if self.lora is None else 0  # the adapter reads whole (B, T) rows: no chunks
-        return softcap_cross_entropy(logits_of, rms_norm(x), targets, self.softcap, reduction, chunk)
+        chunk = self.hp.ce_chunk_tokens if self.lora is None and tilt is None else 0  # both read whole (B, T) rows
+        return softcap_cross_entropy(logits_of, rms_norm(x), targets, self.softcap, reduction, chunk, tilt)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1019,9 +1021,11 @@ class Muon:
         return out
 
     def launch_updates(self, shards, lr_scale, clip):
-        """Momentum and orthogonalisation on this rank's shards; starts the all-gathers."""
+        """Momentum and orthogonalisation on this rank's shards, once reduce-scattered; starts the all-gathers."""
         pending = []
-        for p, (g, _), buf in zip(self.params, shards, self.buffers):
+        for p, (g, handle), buf in zip(self.params, shards, self.buffers):
+            if handle is not None:
+                handle.wait()
             g = g.float() * clip
             buf.mul_(self.momentum).add_(g)
             update = self.update(g.add(buf, alpha=self.momentum), self.steps, self.variant)  # Nesterov
@@ -1065,7 +1069,7 @@ class Optimizers:
         flat = torch.cat([p.grad.reshape(-1) for p in small]) if small else None
         if self.world_size > 1 and flat is not None:
             dist.all_reduce(flat, op=dist.ReduceOp.AVG)
-        for _, handle in shards:
+        for _, handle in shards:  # the norm needs them all
             if handle is not None:
                 handle.wait()
         sq = sum((g.float().square().sum() for g, _ in shards), torch.zeros((), device=self.device))
@@ -1405,7 +1409,8 @@ def score_windows(model, tokens, windows, hp, rt, luts, counts=None):
         batch = windows[i:i + hp.eval_batch_seqs]
         x, y, docs, mask = padded_batch(tokens, batch, hp.eval_batch_seqs, hp.eval_seq_len, hp, rt.device)
         with rt.autocast():
-            nll = model(x, y, reduction="none", docs=docs).view(mask.shape).double()
+            tilt = batch_tilt(luts, batch, hp.eval_batch_seqs, hp.eval_seq_len, rt.device)
+            nll = model(x, y, reduction="none", docs=docs, tilt=tilt).view(mask.shape).double()
         add_scores(totals, nll, x, y, mask, batch, luts, counts)
     return totals
 
@@ -1448,6 +1453,43 @@ def eval_full(model, tokens, hp, rt, luts):
     return eval_sliding(model, tokens[:n + 1], hp, rt, luts, stride=hp.eval_seq_len)
 
 
+def ngram_tilt(tokens, hp, rt):
+    """NGRAM_TILT's (hints, boosts) per prediction p (target tokens[p + 1]), or None when off.  The hint is the token
+    that most often followed p's context (the NGRAM_ORDER - 1 tokens ending at p) at earlier predictions (targets in
+    p's prefix; a tie keeps the one that got there first), boosted by NGRAM_BOOST where it took >= NGRAM_THRESHOLD of
+    them; scope doc counts only p's document.  Phased TTT's adapters train on the tilted loss they are scored by (the
+    hints read only the prefix: still score-first), chunk TTT and global phases untilted (rows not stream windows)."""
+    if not hp.ngram_tilt:
+        return None
+    t0, t, W = time.perf_counter(), tokens.to(rt.device), hp.ngram_order - 1
+    pos, bos = torch.arange(len(t) - 1, device=t.device), t[:-1] == BOS_ID
+    word = torch.randint(2**63 - 1, (hp.vocab_size,), generator=torch.Generator().manual_seed(0)).to(t.device)[t[:-1]]
+    key = bos.cumsum(0) * (hp.ngram_tilt == "doc")  # scope doc: the document's index keys its contexts apart
+    for j in range(W):  # a 64-bit hash: a collision only adds noise, never breaks normalisation or causality
+        key = key * -7046029254386353131 + word.roll(j)  # a polynomial (odd multiplier) over random words
+    p = pos[W - 1:]  # whole contexts; scope doc: one reaching past its BOS never matches (none other has it there)
+    key, order = key[p].sort(stable=True)  # grouped by context, in stream order within a group
+    p, i, first = p[order], torch.arange(len(p), device=t.device), torch.searchsorted(key, key)
+    y, seen, group = t[p + 1], i - first, first * (len(p) + hp.vocab_size)  # seen: the context's earlier occurrences
+    pairs, by_pair = (group + y).sort(stable=True)
+    count = torch.empty_like(p).index_copy_(0, by_pair, i - torch.searchsorted(pairs, pairs) + 1)  # (context, y) so far
+    top = torch.where(seen > 0, ((group + count).cummax(0).values - group).roll(1), 0)  # the top count before it
+    leader = torch.where(count > top, i, 0).cummax(0).values  # the occurrence that made the top token
+    gated = top.double() / seen >= hp.ngram_threshold  # 0 / 0 (a context not seen before) never passes
+    hints, boosts = torch.zeros_like(pos), torch.zeros(len(pos), device=t.device)
+    hints[p[gated]], boosts[p[gated]] = y[leader.roll(1)[gated]], hp.ngram_boost
+    rt.log(f"ngram:tilt scope:{hp.ngram_tilt} order:{hp.ngram_order} gated:{float(gated.sum()) / len(pos):.4f} "
+           f"build:{time.perf_counter() - t0:.1f}s")
+    return hints, boosts
+
+
+def batch_tilt(luts, windows, rows, length, device):
+    """The tilt (luts[4], from ngram_tilt) at a padded batch's predictions: window start + column; or None."""
+    at = torch.tensor([w[0] for w in windows] + [0] * (rows - len(windows)), device=device)[:, None]
+    at = at + torch.arange(length, device=device)
+    return None if len(luts) < 5 or luts[4] is None else tuple(a[at.clamp(max=len(a) - 1)] for a in luts[4])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Quantization and packing: Hessian GPTQ, mixed int5/6/7 by sensitivity, selective pruning, brotli
 # ----------------------------------------------------------------------------------------------------
@@ -1487,8 +1529,7 @@ def collect_hessians(model, hp, rt, budget_ms=float("inf")):
             handles.append(getattr(block, name).register_forward_hook(hook(f"{key}.{i}")))
     handles.append(model.head.register_forward_hook(hook("head_in")))  # for GPTQ of the tied embedding
     accum = grad_accum_steps(hp, rt.world_size)
-    files = shard_files(hp.data_path, "train")
-    loader = DistributedTokenLoader(files, hp, rt.rank, rt.world_size, rt.device)
+    loader = DistributedTokenLoader(shard_files(hp.data_path, "train"), hp, rt.rank, rt.world_size, rt.device)
     was_training = model.training
     model.eval()
     t0, done = time.perf_counter(), 0
@@ -1855,28 +1896,19 @@ def gptq_all(targets, bits, sigmas, entries, hessians, hp, rt):
 def prune_to_fit(entries, costs, hp, rt, budget, prune=True):
     """Selective pruning, the last resort: zero the fewest small codes (|q| <= PRUNE_MAX_ABS), cheapest added error
     first, so that the artifact fits.  The count is binary-searched on a fast compressor calibrated against the real
-    one, aiming a little under the budget so that one confirming pass usually suffices: two full-quality passes in
-    the common case (one when nothing needs pruning), more only when heavy pruning drifts the proxy's ratio.
-    With prune=False: None when the unpruned artifact does not fit."""
+    one, aiming a little under the budget, so one or two full-quality passes usually suffice.  With prune=False:
+    None when the unpruned artifact does not fit."""
     first = len(entries) - len(costs)
     flat = torch.cat([c.flatten() for c in costs])
     order = torch.argsort(torch.where(flat > 0, flat, torch.full_like(flat, float("inf"))))
     order = order[: int((flat > 0).sum())]
-    sizes = [c.numel() for c in costs]
-    originals = [e[4].clone() for e in entries[first:]]
+    originals = [e[4] for e in entries[first:]]
 
     def build(k):
-        codes = [o.clone().flatten() for o in originals]
-        if k:
-            idx = order[:k]
-            which = torch.bucketize(idx, torch.tensor(np.cumsum(sizes), device=idx.device), right=True)
-            starts = torch.tensor([0] + list(np.cumsum(sizes)[:-1]), device=idx.device)
-            for m in which.unique().tolist():
-                sel = idx[which == m] - starts[m]
-                codes[m][sel] = 0
-        for i, c in enumerate(codes):
-            e = entries[first + i]
-            entries[first + i] = (e[0], e[1], e[2], e[3], c.view_as(originals[i]), e[5])
+        codes = torch.cat([o.flatten() for o in originals])  # a copy, indexed like `flat`
+        codes[order[:k]] = 0
+        for i, c in enumerate(codes.split([o.numel() for o in originals])):
+            entries[first + i] = (*entries[first + i][:4], c.view_as(originals[i]), entries[first + i][5])
         return serialize(entries)
 
     ratios = {}  # real/fast size ratio where measured: it drifts as pruning grows, so it is interpolated
@@ -1951,15 +1983,12 @@ def build_ttt_optimizers(model, hp, world_size, optimizer, lr):
 
 
 def freeze_bank_rows(model, n):
-    """Frozen blocks' matrices live inside the shared banks: zero their gradient rows."""
-    L = len(model.blocks)
-    for bank in (model.qo, model.kv):
-        for rows in (slice(0, n), slice(L, L + n)):
-            if bank.grad is not None:
-                bank.grad[rows] = 0
-    for bank in (model.mlp_up, model.mlp_down):
+    """Frozen blocks' matrices live inside the shared banks (qo and kv hold two per layer): zero their gradient rows."""
+    L, first = len(model.blocks), list(range(n))
+    for bank, rows in ((model.qo, first + [L + i for i in first]), (model.kv, first + [L + i for i in first]),
+                       (model.mlp_up, first), (model.mlp_down, first)):
         if bank.grad is not None:
-            bank.grad[:n] = 0
+            bank.grad[rows] = 0
 
 
 def adapt_on_chunk(model, opt, tokens, begin, end, epochs, lr_scale, hp, rt):
@@ -2167,7 +2196,8 @@ def score_doc_batch(model, lora, tokens, docs, hp, rt, luts, counts=None, seed=N
             last.append(hi == e)
         x, y, _, mask = padded_batch(tokens, windows, rows, length, hp, rt.device, isolate=False)
         with rt.autocast():
-            nll = model(x, y, reduction="none").float().view(mask.shape)
+            tilt = batch_tilt(luts, windows, rows, length, rt.device)
+            nll = model(x, y, reduction="none", tilt=tilt).float().view(mask.shape)
         add_scores(totals, nll.detach().double(), x, y, mask, windows, luts, counts)
         if not all(last):  # each document's mean over its chunk: its adapter's gradient is its own
             train = mask & ~torch.tensor(last, device=rt.device)[:, None]
@@ -2317,9 +2347,8 @@ def setup_runtime(hp):
     if use_cuda:
         if not torch.cuda.is_available():
             raise ConfigError("DEVICE=cuda but torch sees no GPU; use DEVICE=cpu or a CUDA build of torch")
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
@@ -2428,6 +2457,7 @@ def run_eval_phase(artifact_path, val_tokens, hp, rt, luts):
         warm_up_ttt(ttt_model, hp, rt, luts)
         rt.log(f"ttt:warmup compile on random tokens, untimed: {time.perf_counter() - t0:.1f}s")
     eval_start = time.perf_counter()
+    luts = (*luts, None)[:4] + (ngram_tilt(val_tokens, hp, rt),)  # inside the eval clock: it reads validation tokens
     if hp.eval_int6_sliding > 0 or (hp.eval_int6_sliding < 0 and not hp.ttt_enabled):
         t0 = time.perf_counter()
         loss, bpb = eval_sliding(scorer, val_tokens, hp, rt, luts)
@@ -2453,9 +2483,10 @@ def warm_up_ttt(model, hp, rt, luts):
     tokens = torch.randint(2, hp.vocab_size, (2 * n + 1 if hp.ttt_mode == "phased" else 2 * hp.ttt_chunk_tokens + 1,),
                            generator=torch.Generator().manual_seed(hp.seed))
     tokens[0] = tokens[n] = BOS_ID
+    rt = dataclasses.replace(rt, verbose=False)
     eval_ttt(model, tokens, dataclasses.replace(hp, ttt_doc_batch=1, ttt_prefix_docs=1, ttt_phases=1,
                                                 eval_budget_seconds=float("inf")),
-             dataclasses.replace(rt, verbose=False), luts, time.perf_counter())
+             rt, (*luts, None)[:4] + (ngram_tilt(tokens, hp, rt),), time.perf_counter())  # compiles the tilt too
     base.load_state_dict(saved)
 
 

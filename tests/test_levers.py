@@ -121,3 +121,28 @@ def test_short_chunks_score_each_prediction_once_before_it_trains(monkeypatch, t
     docs = sorted(tg.split_documents(tokens), key=lambda d: d[1] - d[0])
     planned = [step for i in range(0, 14, 2) for step in tg.doc_steps(docs[i:i + 2], hp)]
     assert sorted(shapes) == sorted(planned) and (2, 4) in shapes and (2, 8) in shapes
+
+
+def test_lever_report_tool(tiny_data, tmp_path):
+    """tools/lever_report.py: a --train variant trains its own model; an --eval variant reuses the first model (same
+    float bpb) and changes only its own settings; every artifact fits the budget it was given."""
+    import sys
+
+    from conftest import REPO, TOKENIZER_1024
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import lever_report
+    import ttt_modes
+
+    env = dict(ttt_modes.TINY, DATA_PATH=str(tiny_data), TOKENIZER_PATH=str(TOKENIZER_1024), ITERATIONS="4",
+               VAL_MAX_TOKENS="2049", TTT_CHUNK_TOKENS="512", EVAL_BATCH_SEQS="8", GPTQ_CALIB_BATCHES="2")
+    train = [lever_report.parse_variant(v) for v in ("base:", "qk:QK_GAIN_INIT=2.0,TRAIN_SEQ_SCHEDULE=64@0.5,128@1")]
+    assert train[1] == ("qk", {"QK_GAIN_INIT": "2.0", "TRAIN_SEQ_SCHEDULE": "64@0.5,128@1"})
+    rows = lever_report.report(env, train, [("no-ttt", {"TTT_EPOCHS": "0"})], 1.5, str(tmp_path / "log.txt"))
+    assert [(r["variant"], r["kind"]) for r in rows] == [("base", "train"), ("qk", "train"), ("no-ttt", "eval")]
+    assert rows[2]["float_bpb"] == rows[0]["float_bpb"] != rows[1]["float_bpb"]
+    assert rows[2]["quant_bpb"] == pytest.approx(rows[0]["quant_bpb"], abs=1e-9)  # the same model and codes
+    assert rows[2]["ttt_bpb"] != rows[0]["ttt_bpb"]  # TTT_EPOCHS=0: scored by sliding windows, nothing adapted
+    n_params = sum(p.numel() for p in tg.GPT(tg.Hyperparameters.from_env(env)).parameters())
+    assert all(0 < r["bytes"] <= 1.5 * n_params for r in rows)
+    assert len(lever_report.table(rows).splitlines()) == 5

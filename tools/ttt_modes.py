@@ -72,15 +72,20 @@ def compare(env, modes, log_path, snapshot=None):
     return rows
 
 
+def markdown(header, lines):
+    """A markdown table: the header's cells, then one list of cells per row."""
+    return "\n".join("| " + " | ".join(map(str, cells)) + " |" for cells in [header, ["---"] * len(header), *lines])
+
+
 def table(rows):
-    out = ["| mode | val_bpb | gain vs sliding | eval s | predictions/s | gain per extra eval-s | adapted |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
-    for row in rows:
+    def cells(row):
         per_s = row.get("gain_per_extra_s")
-        out.append(f"| {row['mode']} | {row['val_bpb']:.4f} | {rows[0]['val_bpb'] - row['val_bpb']:+.4f} | "
-                   f"{row['seconds']:.1f} | {row['predictions_per_s']:.0f} | "
-                   f"{'-' if per_s is None else f'{per_s:.5f}'} | {row['adapted'] or '-'} |")
-    return "\n".join(out)
+        return [row["mode"], f"{row['val_bpb']:.4f}", f"{rows[0]['val_bpb'] - row['val_bpb']:+.4f}",
+                f"{row['seconds']:.1f}", f"{row['predictions_per_s']:.0f}", "-" if per_s is None else f"{per_s:.5f}",
+                row["adapted"] or "-"]
+
+    return markdown(["mode", "val_bpb", "gain vs sliding", "eval s", "predictions/s", "gain per extra eval-s",
+                     "adapted"], [cells(row) for row in rows])
 
 
 def main(argv=None):

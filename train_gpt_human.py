@@ -2474,17 +2474,19 @@ def run_eval_phase(artifact_path, val_tokens, hp, rt, luts):
 
 
 def warm_up_ttt(model, hp, rt, luts):
-    """Runs TTT once on random tokens (never validation data), two documents of EVAL_SEQ_LEN + TTT_DOC_CHUNK tokens
-    in two phased batches and a global phase (or two chunks), so that every TTT graph compiles before the eval clock
-    starts, as the record does; the weights are put back afterwards."""
+    """Runs TTT once on random tokens (never validation data) so that every TTT graph compiles before the eval clock
+    starts, as the record does; the weights are put back afterwards.  Phased: a full batch of documents of n / 2
+    tokens (n = EVAL_SEQ_LEN + TTT_DOC_CHUNK), a global phase, then one document of n: steps of many rows and of one
+    row (a dynamic graph specialises a size of 1), with adapters of the eval's size (their shapes are static).
+    Chunk: two chunks."""
     base = getattr(model, "_orig_mod", model)
     saved = copy.deepcopy(base.state_dict())
     n = hp.eval_seq_len + hp.ttt_doc_chunk
-    tokens = torch.randint(2, hp.vocab_size, (2 * n + 1 if hp.ttt_mode == "phased" else 2 * hp.ttt_chunk_tokens + 1,),
-                           generator=torch.Generator().manual_seed(hp.seed))
-    tokens[0] = tokens[n] = BOS_ID
+    lengths = [n // 2] * hp.ttt_doc_batch + [n] if hp.ttt_mode == "phased" else [2 * hp.ttt_chunk_tokens]
+    tokens = torch.randint(2, hp.vocab_size, (sum(lengths) + 1,), generator=torch.Generator().manual_seed(hp.seed))
+    tokens[[0, *itertools.accumulate(lengths[:-1])]] = BOS_ID
     rt = dataclasses.replace(rt, verbose=False)
-    eval_ttt(model, tokens, dataclasses.replace(hp, ttt_doc_batch=1, ttt_prefix_docs=1, ttt_phases=1,
+    eval_ttt(model, tokens, dataclasses.replace(hp, ttt_prefix_docs=hp.ttt_doc_batch, ttt_phases=1, ttt_pause_ranks=1,
                                                 eval_budget_seconds=float("inf")),
              rt, (*luts, None)[:4] + (ngram_tilt(tokens, hp, rt),), time.perf_counter())  # compiles the tilt too
     base.load_state_dict(saved)

@@ -340,3 +340,48 @@ def test_one_compiled_graph_for_every_cu_seqlens_length(kernel, monkeypatch):
         with torch.no_grad():
             assert torch.allclose(compiled(x, y, docs=docs), model(x, y, docs=docs))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def _varlen_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _varlen_backward(ctx, grad):
+    q, k, v, cu = ctx.saved_tensors
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        return (*torch.autograd.grad(fake_varlen(*inputs, cu, cu, 1 << 30, 1 << 30, True)[0], inputs, grad), None)
+
+
+traced_varlen.register_autograd(_varlen_backward, setup_context=_varlen_context)
+
+
+def test_ttt_warm_up_compiles_every_graph_the_timed_eval_uses(kernel, monkeypatch, tmp_path):
+    """Phased TTT compiled with dynamic shapes (FA3 stand-in, eager backend): after warm_up_ttt on random tokens, the
+    timed eval of other documents (batches of 4, 1-row steps, a global phase) compiles nothing more.  A warm-up on
+    1-row batches, or with smaller adapters, left 2 recompiles on the eval clock (a size of 1 specialises; the
+    adapters' shapes are static)."""
+    from test_ttt_legality import synthetic_luts
+
+    monkeypatch.setitem(tg.FLASH, "fa3", (fake_causal, lambda q, k, v, cu_seqlens_q, **_: traced_varlen(q, k, v,
+                                                                                                   cu_seqlens_q)))
+    kernel("fa3")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    hp = tg.Hyperparameters.from_env({"PRESET": "record", "NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "2",
+                                      "PARALLEL_START": "3", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+                                      "VOCAB_SIZE": "1024", "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128",
+                                      "TTT_DOC_BATCH": "4", "TTT_PREFIX_DOCS": "4", "TTT_PAUSE_RANKS": "1"})
+    rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "log.txt"))
+    torch.manual_seed(0)
+    model = tg.GPT(hp)
+    compiled = torch.compile(model, dynamic=True, backend="eager")
+    tg.warm_up_ttt(compiled, hp, rt, synthetic_luts())
+    warmed = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    g = torch.Generator().manual_seed(1)
+    parts = [torch.cat([torch.tensor([B_]), torch.randint(2, 1024, (n - 1,), generator=g)])
+             for n in torch.randint(20, 300, (13,), generator=g).tolist()]
+    tokens = torch.cat(parts + [torch.tensor([B_])])
+    *_, adapted, batches = tg.eval_ttt(compiled, tokens, hp, rt, synthetic_luts(), time.perf_counter())
+    assert adapted == batches == 4 and "ttt:segment 3/3" in (tmp_path / "log.txt").read_text()
+    assert warmed == 3 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == warmed

@@ -247,10 +247,12 @@ class Hyperparameters:
         if self.ttt_doc_chunk > self.eval_seq_len:  # a window must hold a whole chunk
             raise ConfigError(f"TTT_DOC_CHUNK={self.ttt_doc_chunk} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
         try:
-            assert all(0 < c <= self.eval_seq_len for c in self.short_chunks().values())
-        except (ValueError, AssertionError):
+            chunks_ok = all(0 < c <= self.eval_seq_len for c in self.short_chunks().values())
+        except ValueError:
+            chunks_ok = False
+        if not chunks_ok:
             raise ConfigError(f"TTT_SHORT_CHUNKS={self.ttt_short_chunks!r} must be 'len:chunk,...' with chunks in "
-                              f"1..EVAL_SEQ_LEN, e.g. 256:8,2000:24") from None
+                              f"1..EVAL_SEQ_LEN, e.g. 256:8,2000:24")
         if not set(self.lora_targets()) <= set(ADAPTABLE):
             raise ConfigError(f"TTT_LORA_TARGETS={self.ttt_lora_targets!r} must list some of {','.join(ADAPTABLE)}")
         if self.rope_dims % 2 or self.rope_dims > head_dim:
@@ -1273,8 +1275,8 @@ def train(model, hp, rt, val_tokens, luts):
         BankLinear.qat_enabled = False
         model.load_state_dict(saved[0])
         opt.load_state_dict(saved[1])
-    loader = DistributedTokenLoader(files, hp, rt.rank, rt.world_size, rt.device)
-    loader.seq_len, model.looping = hp.seq_stages()[0][0], False
+    loader, stages = DistributedTokenLoader(files, hp, rt.rank, rt.world_size, rt.device), hp.seq_stages()
+    loader.seq_len, model.looping = stages[0][0], False
     averager = WeightAverager(model, hp)
     cap_ms = max(hp.max_wallclock_seconds * 1000 - hp.gptq_reserve_ms, 0) if hp.max_wallclock_seconds else 0
     train_ms, step, last_loss, stop, elapsed, switched = 0.0, 0, float("nan"), False, 0.0, -hp.seq_change_warmup_steps
@@ -1294,7 +1296,7 @@ def train(model, hp, rt, val_tokens, luts):
         scale = lr_scale(hp, step, elapsed, cap_ms)
         set_late_qat(hp, rt, scale, step)
         progress = training_progress(hp, step, elapsed, cap_ms)
-        seq_len = next(n for n, until in hp.seq_stages() if progress <= until or until == 1.0)
+        seq_len = next(n for n, until in stages if progress <= until or until == 1.0)
         if seq_len != loader.seq_len:
             loader.seq_len, switched = seq_len, step
             rt.log(f"train_seq_len:{seq_len} step:{step} progress:{progress:.3f}")
@@ -1485,9 +1487,10 @@ def ngram_tilt(tokens, hp, rt):
 
 def batch_tilt(luts, windows, rows, length, device):
     """The tilt (luts[4], from ngram_tilt) at a padded batch's predictions: window start + column; or None."""
+    if len(luts) < 5 or luts[4] is None:
+        return None
     at = torch.tensor([w[0] for w in windows] + [0] * (rows - len(windows)), device=device)[:, None]
-    at = at + torch.arange(length, device=device)
-    return None if len(luts) < 5 or luts[4] is None else tuple(a[at.clamp(max=len(a) - 1)] for a in luts[4])
+    return tuple(a[(at + torch.arange(length, device=device)).clamp(max=len(a) - 1)] for a in luts[4])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1731,9 +1734,9 @@ def decompress_bytes(data):
 def load_artifact(data, hp, device):
     """Builds a fresh model from artifact bytes, as a grader would."""
     flat = deserialize(decompress_bytes(data))
-    for name in [n for n in flat if n.endswith(".lqA")]:  # LQER: add the low-rank error correction back
-        base, (rows, cols) = name[:-len(".lqA")], flat[name[:-len(".lqA")]].shape
-        flat[base] = flat[base] + flat.pop(name).view(-1, rows).T @ flat.pop(base + ".lqB").view(-1, cols)
+    for base in [n[:-len(".lqA")] for n in flat if n.endswith(".lqA")]:  # LQER: add the low-rank correction back
+        rows, cols = flat[base].shape
+        flat[base] = flat[base] + flat.pop(base + ".lqA").view(-1, rows).T @ flat.pop(base + ".lqB").view(-1, cols)
     state = {}
     for name, t in flat.items():
         bank, _, idx = name.partition("#")
@@ -1830,12 +1833,9 @@ def lqer_entries(targets, quantized, hp):
         r = min(hp.lqer_rank, S.numel())
         group = hp.lqer_asym_group
         for suffix, factor, bits in ((".lqA", (U[:, :r] * S[:r]).T, 2 if group else 3), (".lqB", Vh[:r], 4)):
-            factor = factor.contiguous()
-            if not group:
-                q, scale = quantize_rtn(factor, bits)
-            else:  # A: one scale in all; B: one per group (per gcd(group, size) if the size is not a multiple)
-                q, scale = quantize_groups(factor, bits, factor.numel() if suffix == ".lqA" else
-                                           math.gcd(group, factor.numel()))
+            factor = factor.contiguous()  # asymmetric: one scale for all of A; B's per group (a divisor of its size)
+            per = factor.numel() if suffix == ".lqA" else math.gcd(group, factor.numel())
+            q, scale = quantize_groups(factor, bits, per) if group else quantize_rtn(factor, bits)
             out.append((targets[i][0] + suffix, KIND_INT, bits, tuple(q.shape), q, scale))
     return out
 
@@ -1984,9 +1984,9 @@ def build_ttt_optimizers(model, hp, world_size, optimizer, lr):
 
 def freeze_bank_rows(model, n):
     """Frozen blocks' matrices live inside the shared banks (qo and kv hold two per layer): zero their gradient rows."""
-    L, first = len(model.blocks), list(range(n))
-    for bank, rows in ((model.qo, first + [L + i for i in first]), (model.kv, first + [L + i for i in first]),
-                       (model.mlp_up, first), (model.mlp_down, first)):
+    first = list(range(n))
+    both = first + [len(model.blocks) + i for i in first]
+    for bank, rows in ((model.qo, both), (model.kv, both), (model.mlp_up, first), (model.mlp_down, first)):
         if bank.grad is not None:
             bank.grad[rows] = 0
 

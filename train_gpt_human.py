@@ -1,4 +1,4 @@
-"""Parameter Golf submission: 11-layer Turbo-Muon GPT with EngramLite, parameter banks, mixed-precision
+"""Parameter Golf submission: 11-layer Turbo-Muon GPT with EngramLite, parameter banks, SDClip
 GPTQ packing and score-first test-time training (LaCT); PRESET=record is the accepted record's model class.
 
 Sections, in data-flow order: config -> data -> bpb accounting -> model -> optimizers -> training ->
@@ -140,24 +140,23 @@ class Hyperparameters:
     swa_every: int = 50
     swa_start_scale: float = 0.2  # SWA snapshots while the LR scale is below this
     qat_threshold: float = 0.15
+    qat_bits: int = 5  # late QAT's grid (#1089's int5)
     # quantization and packing
     gptq_calib_batches: int = 64
     gptq_reserve_ms: float = 12000.0
     gptq_block_size: int = 128
     gptq_damp: float = 0.01
-    quant_mode: str = "sdclip"  # sdclip: k*std(row) scales sized to fit; mixed: int5..7 by sensitivity + pruning
-    quant_base_bits: int = 5
-    quant_max_bits: int = 7
-    matrix_bits: int = 6  # sdclip: bits of every bank matrix
-    clip_sigmas_attn: float = 13.0  # sdclip: k of attention matrices (all k scaled by one factor to fit the budget)
+    matrix_bits: int = 6  # bits of every bank matrix, SDClip scales k*std(row) sized to fit the budget
+    clip_sigmas_attn: float = 13.0  # k of attention matrices (all k scaled by one factor to fit the budget)
     clip_sigmas_mlp: float = 11.5
     clip_sigmas_embed: float = 14.0
     embed_bits: int = 0  # > 0: GPTQ the tied embedding at this many bits with the output head's Hessian
     lqer_rank: int = 0  # > 0: low-rank correction of the quantization error on the LQER_TOP_K worst tensors
     lqer_top_k: int = 3
     lqer_asym_group: int = 0  # > 0: LQER's A at int2 with one scale, B at int4 with a scale per this many (the record)
+    awq_groups: int = 0  # AWQ-lite: this many salient groups of input columns at int8 inside GPTQ (#1908)
+    awq_group_size: int = 64
     target_bytes: int = 16_000_000
-    alloc_overshoot: float = 0.004
     prune_max_abs: int = 2
     snapshot_post_hessian: int = 0
     load_snapshot: str = ""
@@ -176,8 +175,6 @@ class Hyperparameters:
     ttt_entropy_adapt: int = 0
     ttt_entropy_low: float = 1.75
     ttt_entropy_high: float = 2.1
-    ttt_polyak: int = 0
-    ttt_polyak_decay: float = 0.998
     ttt_mode: str = "chunk"  # chunk: LaCT on chunks of the stream; phased: per-document LoRA + global phases
     ttt_doc_chunk: int = 48  # phased: predictions per document chunk (scored, then one adapter step)
     ttt_short_chunks: str = ""  # phased "len:chunk,...": a batch whose longest document is <= len uses that chunk
@@ -222,7 +219,7 @@ class Hyperparameters:
                     "eval_seq_len", "train_batch_tokens", "eval_stride", "eval_batch_seqs",
                     "engram_dim", "ttt_chunk_tokens", "ttt_batch_seqs", "muon_backend_steps",
                     "target_bytes", "gptq_block_size", "dist_timeout_seconds", "ttt_doc_chunk", "ttt_doc_batch",
-                    "ttt_lora_rank", "ttt_pause_ranks"]
+                    "ttt_lora_rank", "ttt_pause_ranks", "awq_group_size"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
@@ -231,7 +228,7 @@ class Hyperparameters:
                      "engram_buckets", "ve_dim", "num_loops", "swa_every", "lqer_rank", "lqer_top_k", "ttt_prefix_docs",
                      "ttt_phases", "rope_ntk_len", "lqer_asym_group", "seq_change_warmup_steps", "ce_chunk_tokens",
                      "matrix_lr", "tied_embed_lr", "scalar_lr", "ttt_lr", "muon_wd", "adam_wd", "grad_clip_norm",
-                     "ttt_grad_clip", "eval_budget_seconds", "gptq_reserve_ms", "gptq_damp", "alloc_overshoot",
+                     "ttt_grad_clip", "eval_budget_seconds", "gptq_reserve_ms", "gptq_damp", "awq_groups",
                      "embed_wd", "clip_sigmas_attn", "clip_sigmas_mlp", "clip_sigmas_embed", "ttt_lora_lr",
                      "ttt_lora_wd", "ttt_global_lr", "ngram_boost"]:
             if getattr(self, name) < 0:
@@ -257,13 +254,11 @@ class Hyperparameters:
             raise ConfigError(f"TTT_LORA_TARGETS={self.ttt_lora_targets!r} must list some of {','.join(ADAPTABLE)}")
         if self.rope_dims % 2 or self.rope_dims > head_dim:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {head_dim}")
-        if not 2 <= self.quant_base_bits <= self.quant_max_bits <= 8:
-            raise ConfigError("need 2 <= QUANT_BASE_BITS <= QUANT_MAX_BITS <= 8")
-        if not 2 <= self.matrix_bits <= 8 or self.embed_bits not in (0, *range(2, 9)):
-            raise ConfigError("MATRIX_BITS must be in 2..8 and EMBED_BITS 0 (int8 table) or 2..8")
+        if not all(2 <= b <= 8 for b in (self.matrix_bits, self.qat_bits)) or self.embed_bits not in (0, *range(2, 9)):
+            raise ConfigError("MATRIX_BITS and QAT_BITS must be in 2..8 and EMBED_BITS 0 (int8 table) or 2..8")
         for name, allowed in (("ttt_optimizer", ("muon", "sgd")), ("smear", ("blend", "gated")),
-                              ("muon_variant", ("turbo", "eqr")), ("quant_mode", ("mixed", "sdclip")),
-                              ("ttt_mode", ("chunk", "phased")), ("ttt_lora_optimizer", ("adamw", "muon")),
+                              ("muon_variant", ("turbo", "eqr")), ("ttt_mode", ("chunk", "phased")),
+                              ("ttt_lora_optimizer", ("adamw", "muon")),
                               ("ttt_global_optimizer", ("sgd", "muon")), ("attn_out_init", ("mimetic", "zero")),
                               ("attn_kernel", ("", "fa3", "fa4", "flex", "sdpa")),
                               ("ngram_tilt", ("", "doc", "stream"))):
@@ -282,7 +277,7 @@ class Hyperparameters:
         for f in dataclasses.fields(self):
             if isinstance(f.default, float) and not math.isfinite(getattr(self, f.name)):
                 raise ConfigError(f"{f.name.upper()} must be a finite number, got {getattr(self, f.name)}")
-        for name in ["ema_decay", "swa_start_scale", "ttt_polyak_decay", "qat_threshold", "lr_floor", "warmdown_frac",
+        for name in ["ema_decay", "swa_start_scale", "qat_threshold", "lr_floor", "warmdown_frac",
                      "loop_enable_at", "ngram_threshold"]:
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name.upper()} must be in [0, 1], got {getattr(self, name)}")
@@ -1262,7 +1257,7 @@ def train(model, hp, rt, val_tokens, luts):
     accum = grad_accum_steps(hp, rt.world_size)
     rt.log(f"world_size:{rt.world_size} grad_accum_steps:{accum} device:{rt.device.type}")
     step_model = maybe_compile(model, hp, rt)
-    BankLinear.qat_bits, BankLinear.qat_alpha = hp.quant_base_bits, torch.ones((), device=rt.device)
+    BankLinear.qat_bits, BankLinear.qat_alpha = hp.qat_bits, torch.ones((), device=rt.device)
     opt = build_optimizers(model, hp, rt.world_size, compile_enabled(hp, rt))
     files = shard_files(hp.data_path, "train")
     if hp.warmup_steps:  # compile/warm-up steps; the model and optimizer state are restored afterwards
@@ -1365,7 +1360,7 @@ def set_late_qat(hp, rt, scale, step):
         return
     progress = (hp.qat_threshold - scale) / max(hp.qat_threshold - hp.lr_floor, 1e-9)
     if not BankLinear.qat_enabled:
-        rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f} bits:{hp.quant_base_bits}")
+        rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f} bits:{hp.qat_bits}")
         BankLinear.qat_enabled = True
     BankLinear.qat_alpha.fill_(1.0 + 15.0 * min(progress, 1.0))
 
@@ -1494,7 +1489,7 @@ def batch_tilt(luts, windows, rows, length, device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Quantization and packing: Hessian GPTQ, mixed int5/6/7 by sensitivity, selective pruning, brotli
+# Quantization and packing: Hessian GPTQ with SDClip scales sized to fit, LQER, AWQ-lite, pruning, brotli
 # ----------------------------------------------------------------------------------------------------
 
 BANKS = ("qo", "kv", "mlp_up", "mlp_down")
@@ -1578,24 +1573,34 @@ def sd_scales(W, bits, sigmas):
     return (sigmas * W.std(dim=1) / qmax_of(bits)).clamp_min(1e-7).half().float()
 
 
-def quantize_rtn(W, bits, col_weight=None, sigmas=0.0):
+def awq_step(scale, bits):
+    """AWQ-lite's per-row step for its int8 columns: the same clip in sigmas as the row's, over +-127 codes."""
+    return (scale * qmax_of(bits) / qmax_of(8)).half().float()
+
+
+def quantize_rtn(W, bits, col_weight=None, sigmas=0.0, hi=None):
+    """Round to nearest; the columns `hi` (AWQ-lite) at int8 with the step awq_step."""
     col_weight = torch.ones(W.size(1), device=W.device) if col_weight is None else col_weight
     scale = sd_scales(W, bits, sigmas) if sigmas else row_scales(W, bits, col_weight)
     q = (W / scale[:, None]).round().clamp(-qmax_of(bits), qmax_of(bits))
+    if hi is not None:
+        q[:, hi] = (W[:, hi] / awq_step(scale, bits)[:, None]).round().clamp(-qmax_of(8), qmax_of(8))
     return q.to(torch.int8), scale
 
 
-def gptq_quantize(W, H, bits, block_size, damp, sigmas=0.0):
+def gptq_quantize(W, H, bits, block_size, damp, sigmas, hi=None):
     """GPTQ: quantize columns in descending Hessian-diagonal order, pushing each column's error onto the
-    columns not yet quantized through the Cholesky factor of H^-1.  Scales: SDClip when `sigmas` is set, else
-    clip-searched.  Returns None if H is not positive definite."""
+    columns not yet quantized through the Cholesky factor of H^-1.  SDClip scales; the columns `hi` (AWQ-lite)
+    at int8 with the step awq_step, in the same solve.  Returns None if H is not positive definite."""
     W, H = W.float().clone(), H.float().clone()
     n, qmax = W.size(1), qmax_of(bits)
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    scale = sd_scales(W, bits, sigmas) if sigmas else row_scales(W, bits, H.diagonal())
+    scale = sd_scales(W, bits, sigmas)
     perm = torch.argsort(H.diagonal(), descending=True)
+    protected = set() if hi is None else set(hi.tolist())
+    steps = [(awq_step(scale, bits), qmax_of(8)) if c in protected else (scale, qmax) for c in perm.tolist()]
     W, H = W[:, perm], H[perm][:, perm]
     H.diagonal().add_(damp * H.diagonal().mean())
     try:
@@ -1607,9 +1612,10 @@ def gptq_quantize(W, H, bits, block_size, damp, sigmas=0.0):
         i2 = min(i1 + block_size, n)
         W1, U1, err = W[:, i1:i2].clone(), U[i1:i2, i1:i2], torch.zeros(W.size(0), i2 - i1, device=W.device)
         for j in range(i2 - i1):
-            q = (W1[:, j] / scale).round().clamp(-qmax, qmax)
+            step, top = steps[i1 + j]
+            q = (W1[:, j] / step).round().clamp(-top, top)
             Q[:, i1 + j] = q
-            err[:, j] = (W1[:, j] - q * scale) / U1[j, j]
+            err[:, j] = (W1[:, j] - q * step) / U1[j, j]
             W1[:, j:] -= err[:, j:j + 1] * U1[j:j + 1, j:]
         W[:, i2:] -= err @ U[i1:i2, i2:]
     return Q[:, torch.argsort(perm)].to(torch.int8), scale
@@ -1619,31 +1625,6 @@ def code_entropy_bytes(q, bits):
     counts = torch.bincount((q.flatten().long() + qmax_of(bits)).cpu(), minlength=2 * qmax_of(bits) + 1).double()
     p = counts[counts > 0] / counts.sum()
     return float(-(p * p.log2()).sum()) * q.numel() / 8 + 2 * q.size(0)
-
-
-def allocate_bits(weights, hessians, hp, budget, rt):
-    """Groups (layer x attn/mlp) ranked by mean Hessian trace per input column; every group starts at
-    QUANT_BASE_BITS and is promoted one bit at a time, most sensitive first, while the estimate fits."""
-    cost = {}  # (matrix index, bits) -> estimated bytes
-    for m, (W, key, group) in enumerate(weights):
-        for bits in range(hp.quant_base_bits, hp.quant_max_bits + 1):
-            cost[m, bits] = code_entropy_bytes(quantize_rtn(W, bits)[0], bits)
-    sens = {}
-    for W, key, group in weights:
-        sens.setdefault(group, []).append(float(hessians[key].diagonal().mean()))
-    order = sorted(sens, key=lambda g: -sum(sens[g]) / len(sens[g]))
-    bits = {g: hp.quant_base_bits for g in order}
-    members = {g: [m for m, w in enumerate(weights) if w[2] == g] for g in order}
-    total = sum(cost[m, hp.quant_base_bits] for m in range(len(weights)))
-    for target_bits in range(hp.quant_base_bits + 1, hp.quant_max_bits + 1):
-        for g in order:
-            extra = sum(cost[m, target_bits] - cost[m, bits[g]] for m in members[g])
-            if bits[g] == target_bits - 1 and total + extra <= budget:
-                bits[g], total = target_bits, total + extra
-    counts = {b: sum(1 for g in order if bits[g] == b) for b in sorted(set(bits.values()))}
-    rt.log("quant:allocation " + " ".join(f"int{b}:{c}" for b, c in counts.items()) + f" est_bytes:{total:.0f} "
-           f"budget:{budget:.0f} most_sensitive:{order[:3]}")
-    return [bits[w[2]] for w in weights]
 
 
 def shuffle_bytes(a):
@@ -1734,6 +1715,9 @@ def decompress_bytes(data):
 def load_artifact(data, hp, device):
     """Builds a fresh model from artifact bytes, as a grader would."""
     flat = deserialize(decompress_bytes(data))
+    for name in [n for n in flat if ".awq" in n]:  # AWQ-lite: each int8 group back into its columns
+        base, start, group = *name.rsplit(".awq", 1), flat.pop(name)
+        flat[base][:, int(start):int(start) + group.size(1)] = group
     for base in [n[:-len(".lqA")] for n in flat if n.endswith(".lqA")]:  # LQER: add the low-rank correction back
         rows, cols = flat[base].shape
         flat[base] = flat[base] + flat.pop(base + ".lqA").view(-1, rows).T @ flat.pop(base + ".lqB").view(-1, cols)
@@ -1747,32 +1731,58 @@ def load_artifact(data, hp, device):
     return model
 
 
-def quant_targets(state, hp):
-    """(entry name, weight, Hessian key, group) of every GPTQ'd matrix: the bank matrices, and the tied embedding
-    (with the output head's Hessian) when EMBED_BITS is set."""
-    out = [(f"{bank}#{idx}", state[bank][idx], key, group) for bank, idx, key, group in bank_matrices(hp.num_layers)]
+def quant_targets(state, hessians, hp):
+    """(entry name, weight, Hessian key, group, bits, AWQ-lite columns or None) of every GPTQ'd matrix: the bank
+    matrices at MATRIX_BITS, and the tied embedding (with the output head's Hessian) at EMBED_BITS when set."""
+    out = [(f"{bank}#{idx}", state[bank][idx], key, group, hp.matrix_bits)
+           for bank, idx, key, group in bank_matrices(hp.num_layers)]
     if hp.embed_bits:
-        out.append(("tok_emb.weight", state["tok_emb.weight"], "head_in", "embed"))
-    return out
+        out.append(("tok_emb.weight", state["tok_emb.weight"], "head_in", "embed", hp.embed_bits))
+    return [t + (cols,) for t, cols in zip(out, awq_columns(out, hessians, hp))]
+
+
+def awq_columns(targets, hessians, hp):
+    """AWQ-lite (#1908): the AWQ_GROUPS most salient groups of AWQ_GROUP_SIZE consecutive input columns over all
+    matrices below int8.  A column's saliency is its input's RMS (the root of the Hessian's diagonal) times its mean
+    |W|, summed over the group and compared across matrices as is.  Each target's protected columns, or None."""
+    size, scored = hp.awq_group_size, []
+    for i, (_, W, key, _, bits) in enumerate(targets):
+        if bits < 8 and hp.awq_groups:
+            saliency = hessians[key].diagonal().clamp_min(0).sqrt().to(W.device) * W.abs().mean(dim=0)
+            groups = saliency[:W.size(1) // size * size].view(-1, size).sum(dim=1).tolist()
+            scored += [(score, i, g * size) for g, score in enumerate(groups)]
+    columns = [None] * len(targets)
+    for _, i, start in sorted(scored, reverse=True)[:hp.awq_groups]:
+        columns[i] = torch.cat([c for c in (columns[i], torch.arange(start, start + size)) if c is not None])
+    return columns
+
+
+def awq_split(entry, cols, size):
+    """[the matrix's entry with its AWQ-lite columns' codes zeroed, then each group's int8 codes as NAME.awqFIRST]."""
+    if cols is None:
+        return [entry]
+    name, kind, bits, shape, q, scale = entry
+    groups = [(f"{name}.awq{a}", KIND_INT, 8, (shape[0], size), q[:, a:a + size].clone(), awq_step(scale, bits))
+              for a in cols[::size].tolist()]
+    return [(name, kind, bits, shape, q.index_fill(1, cols.to(q.device), 0), scale)] + groups
 
 
 def sdclip_plan(targets, others, hessians, hp, budget, rt):
-    """SDClip sizing: bank matrices at MATRIX_BITS, the embedding at EMBED_BITS, k by matrix type; every k times
-    one factor, bisected on the codes' entropy so that the size lands on the budget: the finest codes that fit,
-    pruning stays the last resort.  The estimate is calibrated once against the real compressor (the whole artifact
-    with rounded codes at the first guess: one full-quality pass) and against GPTQ, whose codes spread wider than
-    rounding's (GPTQ on every 16th row: rows are quantized independently)."""
-    bits = [hp.embed_bits if g == "embed" else hp.matrix_bits for *_, g in targets]
+    """SDClip sizing: k by matrix type, every k times one factor, bisected on the codes' entropy so that the size
+    lands on the budget: the finest codes that fit, pruning stays the last resort.  The estimate is calibrated once
+    against the real compressor (the whole artifact with rounded codes at the first guess: one full-quality pass)
+    and against GPTQ, whose codes spread wider than rounding's (GPTQ on every 16th row: rows are independent)."""
     base = [{"attn": hp.clip_sigmas_attn, "mlp": hp.clip_sigmas_mlp, "embed": hp.clip_sigmas_embed}[g.split(".")[0]]
-            for *_, g in targets]
+            for _, _, _, g, _, _ in targets]
 
     def coded(factor, rows=slice(None), gptq=False):
         out = []
-        for (name, W, key, _), b, k in zip(targets, bits, base):
+        for (name, W, key, _, b, cols), k in zip(targets, base):
             W = W[rows]
             H = hessians[key].to(W.device)
-            result = gptq and gptq_quantize(W, H, b, hp.gptq_block_size, hp.gptq_damp, k * factor)
-            out.append((name, KIND_INT, b, tuple(W.shape), *(result or quantize_rtn(W, b, sigmas=factor * k))))
+            result = gptq and gptq_quantize(W, H, b, hp.gptq_block_size, hp.gptq_damp, k * factor, cols)
+            result = result or quantize_rtn(W, b, sigmas=factor * k, hi=cols)
+            out += awq_split((name, KIND_INT, b, tuple(W.shape), *result), cols, hp.awq_group_size)
         return out
 
     def entropy(entries):
@@ -1803,14 +1813,14 @@ def sdclip_plan(targets, others, hessians, hp, budget, rt):
                                           "the finest codes allowed leave the budget unused (raise MATRIX_BITS)"))
     rt.log(f"quant:sdclip factor:{factor:.3f} calibration:{compressor:.4f} gptq_spread:{spread:.4f} "
            f"budget:{budget:.0f} bits:{hp.matrix_bits} embed_bits:{hp.embed_bits}")
-    return bits, [factor * k for k in base]
+    return [factor * k for k in base]
 
 
 def lqer_reserve(targets, hp):
     """Bytes kept free for LQER's factors: for the LQER_TOP_K largest matrices, rank x (rows + cols) codes at <= 4
     bits and an fp16 scale per row or per 32 codes (an upper bound: the worst tensors are known only after
     quantization)."""
-    sizes = sorted((sum(W.shape) for _, W, _, _ in targets), reverse=True)[:hp.lqer_top_k]
+    sizes = sorted((sum(W.shape) for _, W, *_ in targets), reverse=True)[:hp.lqer_top_k]
     return sum(hp.lqer_rank * (n // 2 + n // 16 + 4) for n in sizes) if hp.lqer_rank else 0
 
 
@@ -1822,11 +1832,11 @@ def quantize_groups(t, bits, group):
     return (t / scale[:, None]).round().clamp(-2 ** (bits - 1), qmax_of(bits)).to(torch.int8), scale
 
 
-def lqer_entries(targets, quantized, hp):
+def lqer_entries(targets, dequantized, hp):
     """LQER: for the LQER_TOP_K tensors with the largest ||W - W_hat||_F, a rank-LQER_RANK SVD of the error,
     E ~ A B, stored as A^T at int3 and B at int4 with per-row scales, or with LQER_ASYM_GROUP as the record stores
     them: A at int2 with one scale, B at int4 with a scale per group.  load_artifact adds A B back."""
-    errors = [W - q.float() * s[:, None] for (_, W, _, _), (*_, q, s) in zip(targets, quantized)]
+    errors = [W - W_hat for (_, W, *_), W_hat in zip(targets, dequantized)]
     out = []
     for i in sorted(range(len(errors)), key=lambda i: -float(errors[i].norm()))[:hp.lqer_top_k]:
         U, S, Vh = torch.linalg.svd(errors[i], full_matrices=False)
@@ -1843,7 +1853,7 @@ def lqer_entries(targets, quantized, hp):
 def quantize_model(model, hessians, hp, rt, code_bytes):
     """Returns compressed artifact bytes that fit TARGET_BYTES - code_bytes."""
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
-    targets = quant_targets(state, hp)
+    targets = quant_targets(state, hessians, hp)
     entries, done = [], set(BANKS) | {name for name, *_ in targets}
     for name, t in state.items():
         if name in done:
@@ -1852,45 +1862,46 @@ def quantize_model(model, hessians, hp, rt, code_bytes):
             entries.append((name, KIND_FP16, 16, tuple(t.shape), None, t.half()))
         else:
             entries.append((name, KIND_INT, 8, tuple(t.shape), *quantize_rtn(t, 8)))
+    if hp.awq_groups:
+        rt.log("quant:awq " + " ".join(f"{name}:{cols[::hp.awq_group_size].tolist()}"
+                                       for name, *_, cols in targets if cols is not None))
     budget, limit = hp.target_bytes - code_bytes - lqer_reserve(targets, hp), hp.target_bytes - code_bytes
-    if hp.quant_mode == "sdclip":  # its estimate is good to ~0.1%: aim 0.2% under, so that nothing needs pruning
-        bits, sigmas = sdclip_plan(targets, entries, hessians, hp, 0.998 * budget, rt)
-        args = gptq_all(targets, bits, sigmas, entries, hessians, hp, rt)
-        blob = prune_to_fit(*args, hp, rt, limit, prune=False)
-        if blob is not None:
-            return blob
-        # a miss: shrink the aim by the size actually measured, GPTQ once more; pruning is the last resort
-        shrink = limit / len(compress_bytes(serialize(args[0])))
-        rt.log(f"quant:sdclip missed the budget by {1 / shrink - 1:.2%}; sizing again")
-        bits, sigmas = sdclip_plan(targets, entries, hessians, hp, 0.998 * budget * shrink, rt)
-    else:  # the allocation aims ALLOC_OVERSHOOT over the budget; pruning then lands under it
-        budget *= 1 + hp.alloc_overshoot
-        banks = [(W, key, group) for _, W, key, group in targets if group != "embed"]
-        embed = [W for _, W, _, group in targets if group == "embed"]
-        fixed = len(compress_bytes(serialize(entries), fast=True))  # the rest, measured; then the embedding's codes
-        fixed += sum(code_entropy_bytes(quantize_rtn(W, hp.embed_bits)[0], hp.embed_bits) for W in embed)
-        bits = allocate_bits(banks, hessians, hp, budget - fixed, rt) + [hp.embed_bits] * len(embed)
-        sigmas = [0.0] * len(targets)
-    return prune_to_fit(*gptq_all(targets, bits, sigmas, entries, hessians, hp, rt), hp, rt, limit)
+    # SDClip's estimate is good to ~0.1%: aim 0.2% under, so that nothing needs pruning
+    sigmas = sdclip_plan(targets, entries, hessians, hp, 0.998 * budget, rt)
+    args = gptq_all(targets, sigmas, entries, hessians, hp, rt)
+    blob = prune_to_fit(*args, hp, rt, limit, prune=False)
+    if blob is not None:
+        return blob
+    # a miss: shrink the aim by the size actually measured, GPTQ once more; pruning is the last resort
+    shrink = limit / len(compress_bytes(serialize(args[0])))
+    rt.log(f"quant:sdclip missed the budget by {1 / shrink - 1:.2%}; sizing again")
+    sigmas = sdclip_plan(targets, entries, hessians, hp, 0.998 * budget * shrink, rt)
+    return prune_to_fit(*gptq_all(targets, sigmas, entries, hessians, hp, rt), hp, rt, limit)
 
 
-def gptq_all(targets, bits, sigmas, entries, hessians, hp, rt):
-    """(every artifact entry, pruning cost of each GPTQ'd matrix's codes), LQER's factors included."""
-    fallbacks, costs, quantized = 0, [], []
-    for (name, W, key, _), b, k in zip(targets, bits, sigmas):
+def gptq_all(targets, sigmas, entries, hessians, hp, rt):
+    """(every artifact entry, pruning cost of each GPTQ'd matrix's codes), LQER's factors and AWQ-lite's groups
+    included; the matrices come last, in the order of their costs."""
+    fallbacks, costs, matrices, groups, dequantized = 0, [], [], [], []
+    for (name, W, key, _, b, cols), k in zip(targets, sigmas):
         H = hessians[key].to(W.device)
-        result = gptq_quantize(W, H, b, hp.gptq_block_size, hp.gptq_damp, k)
+        result = gptq_quantize(W, H, b, hp.gptq_block_size, hp.gptq_damp, k, cols)
         if result is None:
             fallbacks += 1
-            result = quantize_rtn(W, b, H.diagonal(), k)
-        q, s = result
-        quantized.append((name, KIND_INT, b, tuple(W.shape), q, s))
+            result = quantize_rtn(W, b, H.diagonal(), k, cols)
+        (q, s), W_hat = result, result[0].float() * result[1][:, None]
+        if cols is not None:
+            W_hat[:, cols] = q[:, cols].float() * awq_step(s, b)[:, None]
+        dequantized.append(W_hat)
+        matrix, *awq = awq_split((name, KIND_INT, b, tuple(W.shape), q, s), cols, hp.awq_group_size)
+        q = matrix[4]
+        matrices.append(matrix)
+        groups += awq
         costs.append((q.abs() <= hp.prune_max_abs) * (q != 0) * (q.float() * s[:, None]).square() * H.diagonal())
     if fallbacks:
         rt.log(f"gptq:cholesky_failed matrices:{fallbacks} (fell back to rounding)")
-    if hp.lqer_rank:
-        entries = lqer_entries(targets, quantized, hp) + entries
-    return entries + quantized, costs
+    lqer = lqer_entries(targets, dequantized, hp) if hp.lqer_rank else []
+    return lqer + groups + entries + matrices, costs
 
 
 def prune_to_fit(entries, costs, hp, rt, budget, prune=True):
@@ -1951,7 +1962,7 @@ def prune_to_fit(entries, costs, hp, rt, budget, prune=True):
         fit = (len(order), real) if len(real) <= budget else None
     if fit is None:
         raise ConfigError(f"artifact {len(real)} bytes exceeds the budget {budget} even after pruning every "
-                          f"candidate; lower MATRIX_BITS (sdclip) or QUANT_BASE_BITS (mixed), or the model size")
+                          f"candidate; lower MATRIX_BITS or EMBED_BITS, or the model size")
     pruned, real = fit
     rt.log(f"quant:pruning candidates:{len(order)} pruned:{pruned} bytes:{len(real)} budget:{budget} "
            f"full_passes:{len(ratios)}")
@@ -2011,24 +2022,6 @@ def adapt_on_chunk(model, opt, tokens, begin, end, epochs, lr_scale, hp, rt):
             opt.step(lr_scale)
 
 
-class Polyak:
-    """Exponential average of the adapted weights, swapped in for scoring."""
-
-    def __init__(self, model, decay):
-        self.decay, self.avg = decay, [p.detach().clone() for p in model.parameters()]
-
-    @torch.no_grad()
-    def update(self, model):
-        torch._foreach_lerp_(self.avg, [p.detach() for p in model.parameters()], 1 - self.decay)
-
-    @torch.no_grad()
-    def swap(self, model):
-        for p, a in zip(model.parameters(), self.avg):
-            tmp = p.detach().clone()
-            p.copy_(a)
-            a.copy_(tmp)
-
-
 def steady_mean(times):
     """Mean seconds per chunk, leaving out the first, which includes compiling new graphs: projecting the rest of
     the eval from it would switch adaptation off at once on every compiled run.  0 until a second sample."""
@@ -2053,9 +2046,8 @@ def eval_ttt(model, tokens, hp, rt, luts, eval_start, counts=None):
     P, C = len(tokens) - 1, hp.ttt_chunk_tokens
     n_chunks = math.ceil(P / C)
     opt = build_ttt_optimizers(model, hp, rt.world_size, hp.ttt_optimizer, hp.ttt_lr)
-    polyak = Polyak(model, hp.ttt_polyak_decay) if hp.ttt_polyak else None
     rt.log(f"ttt:start chunks:{n_chunks} chunk_tokens:{C} optimizer:{hp.ttt_optimizer} lr:{hp.ttt_lr} "
-           f"epochs:{hp.ttt_epochs} entropy_adapt:{hp.ttt_entropy_adapt} polyak:{hp.ttt_polyak} "
+           f"epochs:{hp.ttt_epochs} entropy_adapt:{hp.ttt_entropy_adapt} "
            f"freeze_blocks:{hp.ttt_freeze_blocks}")
     totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
     adapting, adapted, score_times, adapt_times = True, 0, [], []  # seconds per chunk; per adaptation epoch
@@ -2063,12 +2055,8 @@ def eval_ttt(model, tokens, hp, rt, luts, eval_start, counts=None):
         begin, end = k * C, min((k + 1) * C, P)
         t0 = time.perf_counter()
         model.eval()
-        if polyak:
-            polyak.swap(model)
         chunk = all_sum(rt, score_windows(model, tokens, make_windows(begin, end, hp.eval_seq_len, hp.eval_stride)
                                           [rt.rank::rt.world_size], hp, rt, luts, counts))
-        if polyak:
-            polyak.swap(model)
         totals += chunk
         score_times.append(time.perf_counter() - t0)
         if k == n_chunks - 1 or not adapting:
@@ -2085,8 +2073,6 @@ def eval_ttt(model, tokens, hp, rt, luts, eval_start, counts=None):
         model.train()
         cosine = 0.5 * (1 + math.cos(math.pi * k / max(n_chunks - 1, 1)))
         adapt_on_chunk(model, opt, tokens, begin, end, epochs, cosine, hp, rt)
-        if polyak:
-            polyak.update(model)
         adapted += 1
         adapt_times.append((time.perf_counter() - t1) / max(epochs, 1))
         if k % 100 == 0:

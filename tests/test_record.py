@@ -23,7 +23,7 @@ RECORD = {
     "muon_momentum_warmup_steps": 1500, "matrix_lr": 0.026, "muon_wd": 0.095, "adam_beta1": 0.9, "embed_beta1": 0.9,
     "adam_beta2": 0.99, "tied_embed_lr": 0.03, "embed_wd": 0.085, "scalar_lr": 0.02, "adam_wd": 0.02,
     "grad_clip_norm": 0.3, "warmdown_frac": 0.85, "lr_floor": 0.10, "ema_decay": 0.9965, "swa_every": 0,
-    "qat_threshold": 0.0, "gptq_reserve_ms": 8000.0, "quant_mode": "sdclip", "matrix_bits": 6, "embed_bits": 7,
+    "qat_threshold": 0.0, "gptq_reserve_ms": 8000.0, "matrix_bits": 6, "embed_bits": 7,
     "clip_sigmas_attn": 13.0, "clip_sigmas_mlp": 11.5, "clip_sigmas_embed": 14.0, "lqer_rank": 0, "lqer_top_k": 3,
     "ttt_mode": "phased", "rope_ntk_len": 0, "attn_out_init": "zero",
 }

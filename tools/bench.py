@@ -11,7 +11,7 @@ Measures, on one device, with the trainer's own code:
             (eval_ttt on a slice of a few chunks), and the projected time for the full 62,021,632-token
             validation split on 8 GPUs, by linear scaling: tokens / (tokens_per_s * 8).
   compress  Hessian collection (collect_hessians), GPTQ over every bank matrix (gptq_quantize), and the whole
-            quantize_model (bit allocation + GPTQ + pruning search + brotli), with the artifact bytes.
+            quantize_model (SDClip sizing + GPTQ + pruning search + brotli), with the artifact bytes.
 
 Model FLOPs per training token (PaLM-style accounting, stated in the JSON as well):
     6 * N_matmul + 12 * L * T * d
@@ -223,7 +223,7 @@ def bench_newton_schulz(opt, hp, rt, repeats, sync):
 def bench_train(hp, rt, args, sync):
     tg.BankLinear.qat_enabled = bool(args.qat)
     if args.qat:
-        tg.BankLinear.qat_bits = hp.quant_base_bits
+        tg.BankLinear.qat_bits = hp.qat_bits
         tg.BankLinear.qat_alpha = torch.full((), 8.0, device=rt.device)
     torch.manual_seed(hp.seed)
     model = tg.GPT(hp).to(rt.device)
@@ -331,16 +331,14 @@ def bench_compress(model, hp, rt, args, sync, code_bytes):
     hessians = box["hessians"]
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     mats = tg.bank_matrices(hp.num_layers)
-    bits = hp.matrix_bits if hp.quant_mode == "sdclip" else hp.quant_base_bits  # the width the packer will use
 
     def gptq_all():
         box["fallbacks"] = sum(
-            tg.gptq_quantize(state[bank][idx], hessians[key], bits, hp.gptq_block_size,
-                             hp.gptq_damp) is None for bank, idx, key, _ in mats)
+            tg.gptq_quantize(state[bank][idx], hessians[key], hp.matrix_bits, hp.gptq_block_size, hp.gptq_damp,
+                             hp.clip_sigmas_mlp) is None for bank, idx, key, _ in mats)
 
     gptq_s = timed(gptq_all, repeats, sync)
-    plan = "sdclip_plan" if hp.quant_mode == "sdclip" else "allocate_bits"  # the packer's bit plan: sizing or allocation
-    parts = {plan: [], "prune_to_fit": []}
+    parts = {"sdclip_plan": [], "prune_to_fit": []}
     originals = {name: getattr(tg, name) for name in parts}
 
     def timing(name):
@@ -370,9 +368,9 @@ def bench_compress(model, hp, rt, args, sync, code_bytes):
     blob = box.get("blob")
     out = {
         "calib_batches": hp.gptq_calib_batches, "hessian_s": hessian_s, "matrices": len(mats),
-        "gptq_bits": bits, "gptq_s": gptq_s, "gptq_cholesky_fallbacks": box["fallbacks"],
+        "gptq_bits": hp.matrix_bits, "gptq_s": gptq_s, "gptq_cholesky_fallbacks": box["fallbacks"],
         "quantize_model_s": total_s,
-        "plan_s": statistics.median(parts[plan]) if parts[plan] else None,
+        "plan_s": statistics.median(parts["sdclip_plan"]) if parts["sdclip_plan"] else None,
         "prune_and_pack_s": statistics.median(parts["prune_to_fit"]) if parts["prune_to_fit"] else None,
         "artifact_bytes": len(blob) if blob else None, "code_bytes": code_bytes,
         "total_bytes": len(blob) + code_bytes if blob else None, "target_bytes": hp.target_bytes,
@@ -423,7 +421,7 @@ def table(report):
     if c:
         rows += [("compress", "hessians s", c["hessian_s"]), ("compress", "GPTQ (all banks) s", c["gptq_s"]),
                  ("compress", "quantize_model total s", c["quantize_model_s"]),
-                 ("compress", "  bit plan (SDClip sizing / mixed allocation) s", c["plan_s"]),
+                 ("compress", "  SDClip sizing s", c["plan_s"]),
                  ("compress", "  pruning search + packing s", c["prune_and_pack_s"]),
                  ("compress", "artifact bytes", c["artifact_bytes"]),
                  ("compress", "total bytes (+code)", c["total_bytes"])]

@@ -835,7 +835,7 @@ def part_quant(ctx, preset, res):
         res.put("weights", "init (mlp_down randomised; the train part left no snapshot), 2 calibration batches")
     A.set_looping(model, hp.num_loops > 0)
     model.eval()
-    res.update("", {"device": device_name(A), "quant_mode": hp.quant_mode, "code_bytes": A.code_bytes(),
+    res.update("", {"device": device_name(A), "matrix_bits": hp.matrix_bits, "awq_groups": hp.awq_groups, "code_bytes": A.code_bytes(),
                     "target_bytes": hp.target_bytes, "brotli": getattr(A.tg, "brotli", None) is not None})
     with A.instrument(["gptq_quantize"]) as calls:
         seconds, blob = timed_call(A, lambda: A.quantize(model, hessians))

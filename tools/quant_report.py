@@ -25,19 +25,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import train_gpt_human as tg  # noqa: E402
 
 VARIANTS = {  # name -> quantization settings over PLAIN (the others are the run's own)
-    "mixed": {},
-    "mixed + lqer": {"lqer_rank": 4},
-    "sdclip int5": {"quant_mode": "sdclip", "matrix_bits": 5},
-    "sdclip int6": {"quant_mode": "sdclip"},
-    "sdclip int7": {"quant_mode": "sdclip", "matrix_bits": 7},
-    "sdclip + lqer": {"quant_mode": "sdclip", "lqer_rank": 4},
-    "sdclip int5 + embed int8": {"quant_mode": "sdclip", "matrix_bits": 5, "embed_bits": 8},
-    "sdclip + embed int7": {"quant_mode": "sdclip", "embed_bits": 7},
-    "sdclip + embed int8": {"quant_mode": "sdclip", "embed_bits": 8},
-    "sdclip + embed int7 + lqer (record)": {"quant_mode": "sdclip", "embed_bits": 7, "lqer_rank": 4},
+    "sdclip int5": {"matrix_bits": 5},
+    "sdclip int6": {},
+    "sdclip int7": {"matrix_bits": 7},
+    "sdclip + lqer": {"lqer_rank": 4},
+    "sdclip int5 + embed int8": {"matrix_bits": 5, "embed_bits": 8},
+    "sdclip + embed int7": {"embed_bits": 7},
+    "sdclip + embed int8": {"embed_bits": 8},
+    "sdclip + embed int7 + lqer (record)": {"embed_bits": 7, "lqer_rank": 4},
+    "sdclip + embed int7 + awq-lite": {"embed_bits": 7, "awq_groups": 1},
+    "sdclip + embed int7 + lqer + awq-lite": {"embed_bits": 7, "lqer_rank": 4, "awq_groups": 1},
 }
-LOGGED = ("quant:allocation", "quant:sdclip", "quant:warning", "quant:pruning")  # packer lines kept per variant
-PLAIN = {"quant_mode": "mixed", "matrix_bits": 6, "embed_bits": 0, "lqer_rank": 0}  # not the preset's
+LOGGED = ("quant:awq", "quant:sdclip", "quant:warning", "quant:pruning")  # packer lines kept per variant
+PLAIN = {"matrix_bits": 6, "embed_bits": 0, "lqer_rank": 0, "awq_groups": 0}  # not the preset's
 LAYOUT_VARIANT = "sdclip int6"  # whose codes the packing layouts are measured on
 
 

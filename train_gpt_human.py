@@ -1753,7 +1753,8 @@ def awq_columns(targets, hessians, hp):
             scored += [(score, i, g * size) for g, score in enumerate(groups)]
     columns = [None] * len(targets)
     for _, i, start in sorted(scored, reverse=True)[:hp.awq_groups]:
-        columns[i] = torch.cat([c for c in (columns[i], torch.arange(start, start + size)) if c is not None])
+        group = torch.arange(start, start + size, device=targets[i][1].device)
+        columns[i] = group if columns[i] is None else torch.cat([columns[i], group])
     return columns
 
 
@@ -1764,7 +1765,7 @@ def awq_split(entry, cols, size):
     name, kind, bits, shape, q, scale = entry
     groups = [(f"{name}.awq{a}", KIND_INT, 8, (shape[0], size), q[:, a:a + size].clone(), awq_step(scale, bits))
               for a in cols[::size].tolist()]
-    return [(name, kind, bits, shape, q.index_fill(1, cols.to(q.device), 0), scale)] + groups
+    return [(name, kind, bits, shape, q.index_fill(1, cols, 0), scale)] + groups
 
 
 def sdclip_plan(targets, others, hessians, hp, budget, rt):

@@ -71,6 +71,8 @@ def test_cpu_run_writes_every_key(cpu_report):
         assert ev["ttt_projected_from"] == own and ev["ttt_projected_s_8xh100"] == ev[own]["projected_s_8xh100"]
         assert positive(quant["quantize_s"]) and positive(quant["artifact_bytes"]) and quant["fits"]
         assert positive(quant["load_artifact_s"]) and quant["weights"].startswith("after")
+        awq = quant["awq"]
+        assert ".awq" in awq["group"] and 0 < awq["max_code"] <= 127 and positive(awq["gptq_s"])
     record = report["presets"]["record"]["train"]
     assert positive(record["ms_per_step_pre_loop"]) and positive(record["ms_per_step_post_loop"])
     assert record["virtual_layers_post_loop"] > record["virtual_layers_pre_loop"]  # the loops really switched on

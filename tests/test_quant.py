@@ -272,7 +272,8 @@ def test_gptq_beats_rtn_on_real_activations(trained, bits):
         per_matrix.append(errs["gptq"] / errs["rtn"])
         assert errs["gptq"] < errs["rtn"], (bank, idx, errs)
     ratio = totals["gptq"] / totals["rtn"]
-    print(f"\nSDClip int{bits}: GPTQ/RTN output error {ratio:.3f}; per matrix {min(per_matrix):.3f}..{max(per_matrix):.3f}")
+    print(f"\nSDClip int{bits}: GPTQ/RTN output error {ratio:.3f}; "
+          f"per matrix {min(per_matrix):.3f}..{max(per_matrix):.3f}")
     assert ratio < 0.7
 
 

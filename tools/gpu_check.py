@@ -38,7 +38,8 @@ JSON (keys other tools read; everything else is extra):
                      hessian_s, projected_steps_600s_8xh100, reference_steps, dynamo
   presets.<p>.eval:  sliding_tokens_per_s, ttt_projected_s_8xh100 (the preset's own TTT_MODE), ttt_chunk_muon,
                      ttt_chunk_sgd, ttt_phased, eval_projected_total_s_8xh100, within_600s
-  presets.<p>.quant: quantize_s, gptq_s, artifact_bytes, total_bytes, fits, load_artifact_s
+  presets.<p>.quant: quantize_s, gptq_s, artifact_bytes, total_bytes, fits, load_artifact_s,
+                     awq (AWQ_GROUPS=1 on the device, one matrix: group, gptq_s, max_code)
   parts.<name>:      ok, seconds, timeout_s, timed_out, rc, error, log
 
 Formulas (also stated in the JSON):
@@ -835,7 +836,7 @@ def part_quant(ctx, preset, res):
         res.put("weights", "init (mlp_down randomised; the train part left no snapshot), 2 calibration batches")
     A.set_looping(model, hp.num_loops > 0)
     model.eval()
-    res.update("", {"device": device_name(A), "matrix_bits": hp.matrix_bits, "awq_groups": hp.awq_groups, "code_bytes": A.code_bytes(),
+    res.update("", {"device": device_name(A), "matrix_bits": hp.matrix_bits, "code_bytes": A.code_bytes(),
                     "target_bytes": hp.target_bytes, "brotli": getattr(A.tg, "brotli", None) is not None})
     with A.instrument(["gptq_quantize"]) as calls:
         seconds, blob = timed_call(A, lambda: A.quantize(model, hessians))
@@ -845,6 +846,14 @@ def part_quant(ctx, preset, res):
                     "fits": total <= hp.target_bytes, "compressor": A.compressor(blob)})
     seconds, _ = timed_call(A, lambda: A.load_artifact(blob))
     res.put("load_artifact_s", seconds)
+    if hasattr(A.tg, "awq_columns"):  # AWQ_GROUPS (opt-in) on the device: its group, rounding and one GPTQ solve
+        awq_hp = A.hp_with(AWQ_GROUPS=1)
+        state = {k: v.detach().float() for k, v in model.state_dict().items()}
+        target = next(t for t in A.tg.quant_targets(state, hessians, awq_hp) if t[5] is not None)
+        A.tg.quantize_rtn(target[1], target[4], sigmas=12.0, hi=target[5])
+        seconds, entries = timed_call(A, lambda: A.tg.gptq_all([target], [12.0], [], hessians, awq_hp, A.rt)[0])
+        group = next(e for e in entries if ".awq" in e[0])
+        res.put("awq", {"group": group[0], "gptq_s": seconds, "max_code": int(group[4].abs().max())})
 
 
 class PartTimeout(BaseException):

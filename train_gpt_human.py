@@ -1599,8 +1599,8 @@ def gptq_quantize(W, H, bits, block_size, damp, sigmas, hi=None):
     W[:, dead] = 0.0
     scale = sd_scales(W, bits, sigmas)
     perm = torch.argsort(H.diagonal(), descending=True)
-    protected = set() if hi is None else set(hi.tolist())
-    steps = [(awq_step(scale, bits), qmax_of(8)) if c in protected else (scale, qmax) for c in perm.tolist()]
+    protected, fine = set() if hi is None else set(hi.tolist()), (awq_step(scale, bits), qmax_of(8))
+    steps = [fine if c in protected else (scale, qmax) for c in perm.tolist()]
     W, H = W[:, perm], H[perm][:, perm]
     H.diagonal().add_(damp * H.diagonal().mean())
     try:
@@ -1890,12 +1890,13 @@ def gptq_all(targets, sigmas, entries, hessians, hp, rt):
         if result is None:
             fallbacks += 1
             result = quantize_rtn(W, b, H.diagonal(), k, cols)
-        (q, s), W_hat = result, result[0].float() * result[1][:, None]
+        q, s = result
+        W_hat = q.float() * s[:, None]
         if cols is not None:
             W_hat[:, cols] = q[:, cols].float() * awq_step(s, b)[:, None]
         dequantized.append(W_hat)
         matrix, *awq = awq_split((name, KIND_INT, b, tuple(W.shape), q, s), cols, hp.awq_group_size)
-        q = matrix[4]
+        q = matrix[4]  # what pruning may touch: the matrix's own codes, its AWQ-lite columns zero
         matrices.append(matrix)
         groups += awq
         costs.append((q.abs() <= hp.prune_max_abs) * (q != 0) * (q.float() * s[:, None]).square() * H.diagonal())

@@ -26,8 +26,9 @@
 #   SSH_OPTS="..."        extra ssh/scp options (default: accept-new host keys, keepalives)
 #   SSH=ssh SCP=scp       ssh / scp commands (word-split; tests point these at shims)
 #
-# Exit status: 0 when the final line was seen, 1 on failure, 2 on bad usage.
-# Ctrl-C here only stops following: the remote run keeps going (it is detached).
+# Exit status: 0 when the final line was seen, 1 on failure, 2 on bad usage, 130 on Ctrl-C.
+# Once run.sh has started, the logs are copied back however this script ends (run failed, ssh
+# dropped, Ctrl-C).  Ctrl-C here only stops following: the remote run keeps going (it is detached).
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -125,6 +126,22 @@ RD=$(sq "$REMOTE_DIR")
 OUT_REL="logs/$RUN_ID.stdout.txt"
 PID_REL="logs/$RUN_ID.pid"
 EXIT_REL="logs/$RUN_ID.exit"
+LOCAL_OUT="$LOCAL_LOG_DIR/$RUN_ID.stdout.txt"
+
+# Copies the run's stdout and log into LOCAL_LOG_DIR, once (step 5, or the EXIT trap).
+copied=0
+copy_back() {
+    ((copied)) && return 0
+    copied=1
+    mkdir -p "$LOCAL_LOG_DIR"
+    rscp "$HOST:$REMOTE_DIR/$OUT_REL" "$LOCAL_LOG_DIR/" ||
+        log "could not copy $OUT_REL (kept the followed copy)"
+    if rscp "$HOST:$REMOTE_DIR/logs/$RUN_ID.txt" "$LOCAL_LOG_DIR/"; then
+        log "log copied to $LOCAL_LOG_DIR/$RUN_ID.txt"
+    else
+        log "no remote logs/$RUN_ID.txt; using the stdout copy $LOCAL_OUT"
+    fi
+}
 
 # ---- 1. upload ---------------------------------------------------------------
 files=(train_gpt.py run.sh requirements.txt)
@@ -152,13 +169,15 @@ if command -v setsid >/dev/null 2>&1; then det=setsid; else det=; fi; \
 env$env_q \$det nohup sh -c 'echo \$\$ > $PID_REL; bash run.sh; echo \$? > $EXIT_REL' > $OUT_REL 2>&1 < /dev/null & \
 i=0; while [ ! -s $PID_REL ] && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done; cat $PID_REL"
 pid_out=$(rssh "$start_cmd") || die "could not start run.sh on $HOST"
+# from here on the logs come back however this script ends
+trap copy_back EXIT
+trap 'log "interrupted: the run goes on on $HOST; copying its logs so far"; exit 130' INT TERM
 REMOTE_PID=$(printf '%s\n' "$pid_out" | tail -n 1 | tr -d '[:space:]')
 [[ $REMOTE_PID =~ ^[0-9]+$ ]] || die "run.sh did not report a pid (got '$pid_out')"
 log "run.sh started on $HOST, pid $REMOTE_PID; output -> $REMOTE_DIR/$OUT_REL"
 
 # ---- 4. follow ---------------------------------------------------------------
 mkdir -p "$LOCAL_LOG_DIR"
-LOCAL_OUT="$LOCAL_LOG_DIR/$RUN_ID.stdout.txt"
 : >"$LOCAL_OUT"
 FRE_Q=$(sq "/$FINAL_RE/q")
 attempt=0
@@ -193,12 +212,7 @@ still_running=0
 [[ $state == *running* ]] && still_running=1
 
 # ---- 5. copy logs back -----------------------------------------------------
-rscp "$HOST:$REMOTE_DIR/$OUT_REL" "$LOCAL_LOG_DIR/" || log "could not copy $OUT_REL (kept the followed copy)"
-if rscp "$HOST:$REMOTE_DIR/logs/$RUN_ID.txt" "$LOCAL_LOG_DIR/"; then
-    log "log copied to $LOCAL_LOG_DIR/$RUN_ID.txt"
-else
-    log "no remote logs/$RUN_ID.txt; using the stdout copy $LOCAL_OUT"
-fi
+copy_back
 run_exit=$(rssh "cat $RD/$EXIT_REL 2>/dev/null" || true)
 run_exit=$(printf '%s' "$run_exit" | tr -d '[:space:]')
 

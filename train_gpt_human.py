@@ -15,15 +15,16 @@ import functools
 import glob
 import hashlib
 import itertools
-import lzma
 import math
 import os
+import signal
 import struct
 import sys
 import time
-import uuid
 import zlib
+from typing import NamedTuple, Optional
 
+import brotli  # the weights' compressor (and train_gpt.py's own: it cannot start without it)
 import numpy as np
 import sentencepiece as spm
 import torch
@@ -32,20 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-try:
-    import brotli
-except ImportError:
-    brotli = None
-FLASH = {}  # kernel name -> (causal attention, varlen attention) of the FlashAttention builds that import
+FLASH = {}  # "fa3" -> (causal attention, varlen attention) when FlashAttention-3 imports
 try:
     import flash_attn_interface as fa3  # FlashAttention-3 (Hopper): torch custom ops, so torch.compile traces them
     FLASH["fa3"] = (fa3.flash_attn_func, fa3.flash_attn_varlen_func)
 except Exception:  # absent, or built for another CUDA: either way not usable here
-    pass
-try:
-    import flash_attn.cute as fa4  # flash-attn-4 (Hopper, Blackwell): plain autograd functions, kept out of the graph
-    FLASH["fa4"] = tuple(torch.compiler.disable(f) for f in (fa4.flash_attn_func, fa4.flash_attn_varlen_func))
-except Exception:
     pass
 
 # ----------------------------------------------------------------------------------------------------
@@ -57,144 +49,106 @@ class ConfigError(ValueError):
     """Bad input: the message names the file or variable and how to fix it."""
 
 
+ADAPTABLE = ("q", "k", "v", "o", "mlp")  # TTT_LORA_TARGETS: adaptable projections of every virtual layer
+
+
+def setting(default, lo=0, hi=math.inf, choices=()):
+    """A field whose value validate() checks: a number in [lo, hi] (numbers default to >= 0), or one of `choices`."""
+    return dataclasses.field(default=default, metadata={"lo": lo, "hi": hi, "choices": choices})
+
+
 @dataclasses.dataclass
 class Hyperparameters:
+    """Every setting is an environment variable of the upper-case name.  A setting exists because the presets differ
+    on it, because it is operational (paths, sizes for smoke runs and tests, clocks, budgets, logging), or because it
+    is a lever that README documents with its evidence; fixed choices are named constants beside their use."""
     preset: str = "seed"  # a row of PRESETS: its values replace the defaults below; the environment overrides both
     # data and run
     data_path: str = "./data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
-    vocab_size: int = 1024
+    vocab_size: int = setting(1024, 1)
     run_id: str = ""
     seed: int = 1337
-    device: str = ""  # "" = cuda when available, else cpu
-    compile: int = -1  # -1 = on for cuda
+    device: str = setting("", choices=("", "cpu", "cuda"))  # "" = cuda when available
+    compile: int = setting(-1, -1, 1)  # -1 = on for cuda
     val_max_tokens: int = 0  # 0 = the whole validation split (smoke runs use a prefix)
-    dist_timeout_seconds: float = 1800.0  # covers rank 0 quantizing alone while the others wait
+    dist_timeout_seconds: float = setting(300.0, 1)  # a collective that waits longer: a rank has hung or died
+    snapshot: str = ""  # a path: loaded (skipping training and Hessians) when it exists, else written after them
+    eval_artifact: str = ""  # a saved logs/<run>_model.int6.ptz: only the eval phase runs, from it
     # model
-    num_layers: int = 11
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: float = 3.5
-    rope_dims: int = 16
-    rope_base: float = 10000.0
+    num_layers: int = setting(11, 1)
+    model_dim: int = setting(512, 1)
+    num_heads: int = setting(8, 1)
+    num_kv_heads: int = setting(4, 1)
+    mlp_mult: float = setting(3.5, 0.125)
     rope_ntk_len: int = 1024  # rows longer than this scale the RoPE base NTK-style (#1089's rule); 0 = never
-    logit_softcap: float = 30.0
-    ce_chunk_tokens: int = 0  # > 0: the softcapped cross-entropy in chunks of this many tokens, recomputed in backward
-    bf16_stream: int = 1  # 1 = under bf16 autocast (CUDA) the residual stream is bf16 too, as the references'; 0 = fp32
     qk_gain_init: float = 4.0
-    xsa_last_n: int = 11
-    ve_dim: int = 128
-    ve_layers: str = ""  # comma list; "" = the last two layers
+    ve_dim: int = 128  # value embedding on the last two layers; 0 = none
     engram_buckets: int = 8192  # 0 = no EngramLite
-    engram_dim: int = 32
-    tied_embed_init_std: float = 0.005
-    leaky_slope: float = -1.0  # LeakyReLU slope of the MLP; -1 = the seed's per-layer slopes
+    leaky_slope: float = setting(-1.0, -1)  # LeakyReLU slope of the MLP; -1 = the seed's per-layer slopes
     num_loops: int = 0  # depth recurrence: layers LOOP_START..LOOP_END run NUM_LOOPS more times
     loop_start: int = 3
     loop_end: int = 5
-    loop_enable_at: float = 0.35  # fraction of training after which the loops switch on (eval always loops)
     parallel_start: int = 0  # first layer with parallel residual lanes (attention | MLP); 0 = none
-    smear: str = "blend"  # blend: x <- x + sigmoid(g)(x_prev - x); gated: x += l*sigmoid(w.x[:12]) x_prev, not at BOS
-    attn_gate: int = 0  # per-head sparse output gate sigmoid(0.5 W_h x[:12]) after attention
-    doc_isolation: int = 0  # attention stays within documents (BOS boundaries), in training and eval
-    attn_kernel: str = ""  # "" = fa3, else fa4 on CUDA when importable, else flex (documents) / sdpa (causal)
-    attn_out_init: str = "mimetic"  # mimetic: O = -0.05 V per head (#1089); zero (the record)
+    smear: str = setting("blend", choices=("blend", "gated"))  # see GPT.embed
+    attn_gate: int = setting(0, hi=1)  # per-head sparse output gate sigmoid(0.5 W_h x[:12]) after attention
+    doc_isolation: int = setting(0, hi=1)  # attention stays within documents (BOS boundaries), in training and eval
+    attn_kernel: str = setting("", choices=("", "fa3", "flex", "sdpa"))  # "" = the first that passes a probe
+    attn_out_init: str = setting("mimetic", choices=("mimetic", "zero"))  # mimetic: O = -0.05 V per head (#1089)
     # training
-    train_seq_len: int = 2048
+    train_seq_len: int = setting(2048, 1)
     train_seq_schedule: str = ""  # "len@until,...": train at len while the run's progress <= until, then TRAIN_SEQ_LEN
-    seq_change_warmup_steps: int = 0  # after each context switch the LR ramps back up linearly over this many steps
-    eval_seq_len: int = 2048
-    train_batch_tokens: int = 786432
+    eval_seq_len: int = setting(2048, 1)
+    train_batch_tokens: int = setting(786432, 1)
     grad_accum_steps: int = 0  # 0 = 8 // world_size
     iterations: int = 20000
     warmup_steps: int = 20
     warmdown_iters: int = 3500
-    warmdown_frac: float = 0.0  # > 0: warm down over this last fraction of training (by wall-clock when capped)
-    lr_floor: float = 0.05
+    warmdown_frac: float = setting(0.0, hi=1)  # > 0: warm down over this last fraction of training (by wall-clock)
+    lr_floor: float = setting(0.05, hi=1)
     max_wallclock_seconds: float = 600.0
-    val_loss_every: int = 0
-    train_log_every: int = 200
-    eval_stride: int = 64
-    eval_batch_seqs: int = 32
+    train_log_every: int = setting(200, 1)
+    eval_stride: int = setting(64, 1)
+    eval_batch_seqs: int = setting(32, 1)
     # optimizers
     matrix_lr: float = 0.025
     tied_embed_lr: float = 0.035
     scalar_lr: float = 0.025
-    embed_beta1: float = 0.7
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
+    embed_beta1: float = setting(0.7, hi=1)
+    adam_beta2: float = setting(0.95, hi=1)
     adam_wd: float = 0.04
     embed_wd: float = 0.04
-    muon_momentum: float = 0.99
-    muon_momentum_warmup_start: float = 0.92
-    muon_momentum_warmup_steps: int = 1500
-    muon_backend_steps: int = 4
-    muon_variant: str = "turbo"  # turbo: AOL + Polar Express, then row/col norm; eqr: row norm, then Polar Express
-    muon_comm_bf16: int = 1  # 1 = across ranks, gradients are reduce-scattered and updates all-gathered in bf16
+    muon_momentum: float = setting(0.99, hi=1)
+    muon_variant: str = setting("turbo", choices=("turbo", "eqr"))  # see muon_update
     muon_wd: float = 0.04
-    grad_clip_norm: float = 0.3
     # weight averaging and late QAT
-    ema_decay: float = 0.997
+    ema_decay: float = setting(0.997, hi=1)
     swa_every: int = 50
-    swa_start_scale: float = 0.2  # SWA snapshots while the LR scale is below this
-    qat_threshold: float = 0.15
-    qat_bits: int = 5  # late QAT's grid (#1089's int5)
+    qat_threshold: float = setting(0.15, hi=1)
     # quantization and packing
     gptq_calib_batches: int = 64
     gptq_reserve_ms: float = 12000.0
-    gptq_block_size: int = 128
-    gptq_damp: float = 0.01
-    matrix_bits: int = 6  # bits of every bank matrix, SDClip scales k*std(row) sized to fit the budget
-    clip_sigmas_attn: float = 13.0  # k of attention matrices (all k scaled by one factor to fit the budget)
-    clip_sigmas_mlp: float = 11.5
-    clip_sigmas_embed: float = 14.0
-    embed_bits: int = 0  # > 0: GPTQ the tied embedding at this many bits with the output head's Hessian
+    matrix_bits: int = setting(6, 2, 8)  # bits of every bank matrix, SDClip scales k*std(row) sized to fit the budget
+    embed_bits: int = setting(0, 0, 8)  # > 0: GPTQ the tied embedding at this many bits with the output head's Hessian
     lqer_rank: int = 0  # > 0: low-rank correction of the quantization error on the LQER_TOP_K worst tensors
-    lqer_top_k: int = 3
-    lqer_asym_group: int = 0  # > 0: LQER's A at int2 with one scale, B at int4 with a scale per this many (the record)
     awq_groups: int = 0  # AWQ-lite: this many salient groups of input columns at int8 inside GPTQ (#1908)
-    awq_group_size: int = 64
-    target_bytes: int = 16_000_000
-    prune_max_abs: int = 2
-    snapshot_post_hessian: int = 0
-    load_snapshot: str = ""
+    target_bytes: int = setting(16_000_000, 1)
     # evaluation and test-time training
-    eval_float_sliding: int = 0
-    eval_int6_sliding: int = -1  # -1 = only when TTT is off (TTT's own scoring is a sliding-window pass)
-    ttt_enabled: int = 1
-    ttt_optimizer: str = "muon"
+    ttt_enabled: int = setting(1, hi=1)
     ttt_lr: float = 0.02
     ttt_epochs: int = 2
-    ttt_chunk_tokens: int = 32768
-    ttt_momentum: float = 0.9
-    ttt_batch_seqs: int = 32
-    ttt_freeze_blocks: int = 0
-    ttt_grad_clip: float = 1.0
-    ttt_entropy_adapt: int = 0
-    ttt_entropy_low: float = 1.75
-    ttt_entropy_high: float = 2.1
-    ttt_mode: str = "chunk"  # chunk: LaCT on chunks of the stream; phased: per-document LoRA + global phases
-    ttt_doc_chunk: int = 48  # phased: predictions per document chunk (scored, then one adapter step)
+    ttt_chunk_tokens: int = setting(32768, 1)
+    ttt_entropy_adapt: int = setting(0, hi=1)
+    ttt_mode: str = setting("chunk", choices=("chunk", "phased"))  # phased: per-document LoRA + global phases
     ttt_short_chunks: str = ""  # phased "len:chunk,...": a batch whose longest document is <= len uses that chunk
-    ttt_doc_batch: int = 64  # phased: documents per batch, one adapter each
-    ttt_lora_rank: int = 80
+    ttt_doc_batch: int = setting(64, 1)  # phased: documents per batch, one adapter each
+    ttt_step_tokens: int = setting(131072, 1)  # phased: row-tokens per forward (rows split); bounds TTT's memory
     ttt_lora_targets: str = "q,k,v,o,mlp"  # phased: adapted projections of every virtual layer (and the LM head)
     ttt_lora_lr: float = 1e-4
     ttt_lora_wd: float = 0.5
-    ttt_lora_optimizer: str = "adamw"  # adamw (betas 0, 0.99) or muon (each document's factors on their own)
-    ttt_lora_warm_a: int = 1  # 1 = A carries over to the next batch's document in its row (B restarts at zero)
-    ttt_prefix_docs: int = 2500  # phased: the longest documents, in TTT_PHASES groups each followed by a global phase
-    ttt_phases: int = 3
-    ttt_pause_ranks: int = 8  # phased: the phase boundaries fall where the record's queue on this many ranks pauses
-    ttt_global_optimizer: str = "sgd"  # sgd or muon: the base weights' optimizer in the global phases
-    ttt_global_lr: float = 1e-3
+    ttt_phases: int = 3  # phased: global phases over the TTT_PREFIX_DOCS longest documents
     eval_budget_seconds: float = 570.0
-    ngram_tilt: str = ""  # "" = off; doc / stream: tilt each prediction to its n-gram hint, state per document / stream
-    ngram_order: int = 16  # the hint's context: the NGRAM_ORDER - 1 tokens ending at the prediction
-    ngram_threshold: float = 0.8  # tilt where the hint's share of that context's earlier continuations is >= this
-    ngram_boost: float = 2.625  # the logit added to the hint, after the softcap
+    ngram_tilt: str = setting("", choices=("", "doc", "stream"))  # tilt to the n-gram hint, state per document/stream
 
     @classmethod
     def from_env(cls, env=None):
@@ -215,24 +169,14 @@ class Hyperparameters:
         return hp
 
     def validate(self):
-        positive = ["vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
-                    "eval_seq_len", "train_batch_tokens", "eval_stride", "eval_batch_seqs",
-                    "engram_dim", "ttt_chunk_tokens", "ttt_batch_seqs", "muon_backend_steps",
-                    "target_bytes", "gptq_block_size", "dist_timeout_seconds", "ttt_doc_chunk", "ttt_doc_batch",
-                    "ttt_lora_rank", "ttt_pause_ranks", "awq_group_size"]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.upper()} must be > 0, got {getattr(self, name)}")
-        for name in ["iterations", "warmup_steps", "warmdown_iters", "max_wallclock_seconds", "val_loss_every",
-                     "gptq_calib_batches", "ttt_epochs", "ttt_freeze_blocks", "grad_accum_steps", "val_max_tokens",
-                     "engram_buckets", "ve_dim", "num_loops", "swa_every", "lqer_rank", "lqer_top_k", "ttt_prefix_docs",
-                     "ttt_phases", "rope_ntk_len", "lqer_asym_group", "seq_change_warmup_steps", "ce_chunk_tokens",
-                     "matrix_lr", "tied_embed_lr", "scalar_lr", "ttt_lr", "muon_wd", "adam_wd", "grad_clip_norm",
-                     "ttt_grad_clip", "eval_budget_seconds", "gptq_reserve_ms", "gptq_damp", "awq_groups",
-                     "embed_wd", "clip_sigmas_attn", "clip_sigmas_mlp", "clip_sigmas_embed", "ttt_lora_lr",
-                     "ttt_lora_wd", "ttt_global_lr", "ngram_boost"]:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name.upper()} must be >= 0, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            value, name, limits = getattr(self, f.name), f.name.upper(), dict(lo=0, hi=math.inf, choices=())
+            limits.update(f.metadata)
+            if limits["choices"] and value not in limits["choices"]:
+                raise ConfigError(f"{name} must be one of {limits['choices']}, got {value!r}")
+            if not isinstance(value, str) and not (math.isfinite(value) and limits["lo"] <= value <= limits["hi"]):
+                span = f">= {limits['lo']}" if limits["hi"] == math.inf else f"in [{limits['lo']}, {limits['hi']}]"
+                raise ConfigError(f"{name} must be {span}, got {value}")
         head_dim = self.model_dim // self.num_heads
         if self.model_dim % self.num_heads or head_dim % 2:
             raise ConfigError(f"MODEL_DIM={self.model_dim} must split into NUM_HEADS={self.num_heads} even-sized heads")
@@ -241,8 +185,6 @@ class Hyperparameters:
         if self.eval_stride > self.eval_seq_len:  # a window scores at most EVAL_SEQ_LEN predictions
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride} must be <= EVAL_SEQ_LEN={self.eval_seq_len}, "
                               f"or predictions between windows would go unscored")
-        if self.ttt_doc_chunk > self.eval_seq_len:  # a window must hold a whole chunk
-            raise ConfigError(f"TTT_DOC_CHUNK={self.ttt_doc_chunk} must be <= EVAL_SEQ_LEN={self.eval_seq_len}")
         try:
             chunks_ok = all(0 < c <= self.eval_seq_len for c in self.short_chunks().values())
         except ValueError:
@@ -250,38 +192,17 @@ class Hyperparameters:
         if not chunks_ok:
             raise ConfigError(f"TTT_SHORT_CHUNKS={self.ttt_short_chunks!r} must be 'len:chunk,...' with chunks in "
                               f"1..EVAL_SEQ_LEN, e.g. 256:8,2000:24")
+        if self.ngram_tilt == "stream" and self.ttt_mode == "phased":  # documents would depend on each other both ways
+            raise ConfigError("NGRAM_TILT=stream with TTT_MODE=phased: no scoring order keeps every hint causal; use "
+                              "NGRAM_TILT=doc")
         if not set(self.lora_targets()) <= set(ADAPTABLE):
             raise ConfigError(f"TTT_LORA_TARGETS={self.ttt_lora_targets!r} must list some of {','.join(ADAPTABLE)}")
-        if self.rope_dims % 2 or self.rope_dims > head_dim:
-            raise ConfigError(f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {head_dim}")
-        if not all(2 <= b <= 8 for b in (self.matrix_bits, self.qat_bits)) or self.embed_bits not in (0, *range(2, 9)):
-            raise ConfigError("MATRIX_BITS and QAT_BITS must be in 2..8 and EMBED_BITS 0 (int8 table) or 2..8")
-        for name, allowed in (("ttt_optimizer", ("muon", "sgd")), ("smear", ("blend", "gated")),
-                              ("muon_variant", ("turbo", "eqr")), ("ttt_mode", ("chunk", "phased")),
-                              ("ttt_lora_optimizer", ("adamw", "muon")),
-                              ("ttt_global_optimizer", ("sgd", "muon")), ("attn_out_init", ("mimetic", "zero")),
-                              ("attn_kernel", ("", "fa3", "fa4", "flex", "sdpa")),
-                              ("ngram_tilt", ("", "doc", "stream"))):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name.upper()} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.ngram_order < 2:
-            raise ConfigError(f"NGRAM_ORDER must be >= 2, got {self.ngram_order}")
-        if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
+        if self.embed_bits == 1:
+            raise ConfigError("EMBED_BITS must be 0 (an int8 table) or 2..8")
+        if self.num_loops and not self.loop_start <= self.loop_end < self.num_layers:
             raise ConfigError(f"need 0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
-        if not 0 <= self.parallel_start < self.num_layers:
+        if self.parallel_start >= self.num_layers:
             raise ConfigError(f"PARALLEL_START={self.parallel_start} must be in 0..{self.num_layers - 1} (0 = off)")
-        if self.leaky_slope < 0 and self.leaky_slope != -1:
-            raise ConfigError(f"LEAKY_SLOPE must be >= 0, or -1 for the seed's per-layer slopes")
-        if self.device not in ("", "cpu", "cuda"):
-            raise ConfigError(f"DEVICE must be 'cpu' or 'cuda', got {self.device!r}")
-        for f in dataclasses.fields(self):
-            if isinstance(f.default, float) and not math.isfinite(getattr(self, f.name)):
-                raise ConfigError(f"{f.name.upper()} must be a finite number, got {getattr(self, f.name)}")
-        for name in ["ema_decay", "swa_start_scale", "qat_threshold", "lr_floor", "warmdown_frac",
-                     "loop_enable_at", "ngram_threshold"]:
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"{name.upper()} must be in [0, 1], got {getattr(self, name)}")
-        self.ve_layer_ids()
         self.seq_stages()
 
     def seq_stages(self):
@@ -304,35 +225,24 @@ class Hyperparameters:
     def lora_targets(self):
         return tuple(name.strip() for name in self.ttt_lora_targets.split(",") if name.strip())
 
-    def ve_layer_ids(self):
-        if not self.ve_layers:
-            return sorted({max(self.num_layers - 2, 0), self.num_layers - 1})
-        try:
-            ids = sorted({int(s) for s in self.ve_layers.split(",") if s.strip()})
-        except ValueError:
-            raise ConfigError(f"VE_LAYERS={self.ve_layers!r} must be a comma list of layer indices") from None
-        if any(not 0 <= i < self.num_layers for i in ids):
-            raise ConfigError(f"VE_LAYERS={self.ve_layers!r} has an index outside 0..{self.num_layers - 1}")
-        return ids
 
-
-# PRESET=seed is the PR #1089 stack; PRESET=record is the class of the accepted record (PR #1855) and seed #1541:
-# SP8192, depth recurrence, parallel lanes, gated BOS-aware smear, sparse attention gate, document-isolated
-# attention, MuonEq-R, a flat-then-linear schedule by wall-clock and EMA only; plus the clean frontier's levers
-# (#2014, #2060, #2135: progressive context to 3,072, QK gain 5.25, LR 0.028, LQER r2 g32 top 4, a 4 s GPTQ
-# reserve, TTT on k, o, MLP and head with LR 8e-5, WD 2.0 and one global phase; README "Frontier levers").
+# PRESET=seed is the PR #1089 stack; PRESET=record is the accepted record's model (PR #1855, seed #1541: SP8192,
+# depth recurrence, parallel lanes, gated BOS-aware smear, sparse attention gate, document-isolated attention,
+# MuonEq-R, a flat-then-linear schedule by wall-clock, EMA only) with #2014's recipe, value for value (1.05759 over
+# 3 seeds, the best published result without the n-gram tilt): progressive context to 3,072, QK gain 5.25, AWQ-lite,
+# a 4 s GPTQ reserve, TTT on k, o, MLP and head, LR 7.5e-5, 24 documents per batch, short chunks, one global phase.
 PRESETS = {
     "seed": {},
     "record": dict(
         data_path="./data/datasets/fineweb10B_sp8192", tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
         vocab_size=8192, mlp_mult=4.0, leaky_slope=0.5, qk_gain_init=5.25, engram_buckets=0, ve_dim=0, num_loops=2,
         parallel_start=8, smear="gated", attn_gate=1, doc_isolation=1, rope_ntk_len=0, attn_out_init="zero",
-        muon_variant="eqr", muon_backend_steps=5, muon_momentum=0.97, matrix_lr=0.028, muon_wd=0.095, embed_beta1=0.9,
-        adam_beta2=0.99, tied_embed_lr=0.03, embed_wd=0.085, scalar_lr=0.02, adam_wd=0.02, warmdown_frac=0.85,
-        lr_floor=0.10, ema_decay=0.9965, swa_every=0, qat_threshold=0.0, gptq_reserve_ms=4000.0, gptq_calib_batches=16,
-        embed_bits=7, lqer_rank=2, lqer_top_k=4, lqer_asym_group=32, train_seq_len=3072,
-        train_seq_schedule="1024@0.1,2048@0.7", seq_change_warmup_steps=32, eval_seq_len=3072,
-        ttt_mode="phased", ttt_lora_targets="k,o,mlp", ttt_lora_lr=8e-5, ttt_lora_wd=2.0, ttt_phases=1),
+        muon_variant="eqr", muon_momentum=0.97, matrix_lr=0.026, muon_wd=0.095, embed_beta1=0.9, adam_beta2=0.99,
+        tied_embed_lr=0.03, embed_wd=0.085, scalar_lr=0.02, adam_wd=0.02, warmdown_frac=0.85, lr_floor=0.10,
+        ema_decay=0.9965, swa_every=0, qat_threshold=0.0, gptq_reserve_ms=4000.0, gptq_calib_batches=16, embed_bits=7,
+        lqer_rank=4, awq_groups=1, train_seq_len=3072, train_seq_schedule="1024@0.1,2048@0.7", eval_seq_len=3072,
+        ttt_mode="phased", ttt_lora_targets="k,o,mlp", ttt_lora_lr=7.5e-5, ttt_doc_batch=24,
+        ttt_short_chunks="256:8,2000:24", ttt_phases=1),
 }
 
 # torchrun and common system variables that share our prefixes but are not ours
@@ -343,7 +253,7 @@ def check_unknown_env(env, names):
     """A variable that looks like ours (distinctive prefix, or close to a real name) but is not one is
     an error: a misspelt TTT_EPOCH=2 must not run silently with the default."""
     distinctive = {"TTT", "GPTQ", "MUON", "QAT", "EMA", "SWA", "XSA", "ENGRAM", "VE", "QUANT", "ADAM", "ROPE", "LOOP",
-                   "SMEAR", "LQER", "CLIP", "NGRAM"}
+                   "SMEAR", "LQER", "CLIP", "NGRAM", "AWQ"}
     prefixes = {n.split("_")[0] for n in names}
     for key in env:
         if key in names or key in FOREIGN_ENV or "_" not in key:
@@ -425,13 +335,32 @@ class DistributedTokenLoader:
     def __init__(self, files, hp, rank, world_size, device):
         self.stream, self.hp, self.rank, self.world_size = TokenStream(files, hp.vocab_size), hp, rank, world_size
         self.device, self.seq_len = device, hp.train_seq_len  # the training loop sets seq_len by TRAIN_SEQ_SCHEDULE
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.ahead = None
 
-    def next_batch(self, grad_accum_steps):
-        hp = self.hp
-        span = hp.train_batch_tokens // (self.world_size * grad_accum_steps) + 1
-        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
-        shape = (1, -1) if hp.doc_isolation else (-1, self.seq_len)
-        return device_batch(chunk[:-1].view(shape), chunk[1:].view(shape), self.device, self.seq_len * hp.doc_isolation)
+    def host_batch(self, accum, seq_len, chunk=None):
+        """(this rank's slice of the next micro-batch, its segments, seq_len) on the host, pinned for CUDA."""
+        span = self.hp.train_batch_tokens // (self.world_size * accum) + 1
+        if chunk is None:
+            chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
+        shape = (1, -1) if self.hp.doc_isolation else (-1, seq_len)
+        cuts = doc_segments(chunk[:-1].view(shape), seq_len) if self.hp.doc_isolation else None
+        if self.device.type == "cuda":
+            chunk, cuts = chunk.pin_memory(), cuts and tuple(t.pin_memory() for t in cuts)
+        return chunk, cuts, seq_len
+
+    def next_batch(self, accum):
+        """The batch prepared on the loader thread while the GPU ran the last one; the next one is started."""
+        chunk, cuts, seq_len = self.ahead.result() if self.ahead else self.host_batch(accum, self.seq_len)
+        self.ahead = self.pool.submit(self.host_batch, accum, self.seq_len)
+        if seq_len != self.seq_len:  # prepared before a TRAIN_SEQ_SCHEDULE switch: the same tokens, cut anew
+            chunk, cuts, seq_len = self.host_batch(accum, self.seq_len, chunk)
+        shape = (1, -1) if self.hp.doc_isolation else (-1, seq_len)
+        x, y, segments = device_batch(chunk[:-1].view(shape), chunk[1:].view(shape), self.device,
+                                      seq_len * self.hp.doc_isolation, cuts)
+        if isinstance(segments, tuple):  # FlashAttention's max_seqlen bound to the longest stage: one graph for all
+            segments = (segments[0], self.hp.train_seq_len)
+        return x, y, segments
 
 
 def doc_segments(ids, max_len):
@@ -449,14 +378,15 @@ def doc_segments(ids, max_len):
     return (starts.cumsum(0) - 1).view(B, T).int(), cu
 
 
-def device_batch(x, y, device, max_len=0):
-    """(inputs, targets, docs) on the device from host token ids; docs (None unless max_len, the longest segment) is
-    what the attention kernel takes: (cu_seqlens, max_len) for FlashAttention varlen, else a flex BlockMask."""
-    segments = doc_segments(x, max_len) if max_len else None
+def device_batch(x, y, device, max_len=0, cuts=None):
+    """(inputs, targets, segments) on the device from host token ids.  segments (None unless max_len, the longest
+    segment) is what the attention kernel takes: (cu_seqlens, max_len) for FlashAttention varlen, else a BlockMask.
+    cuts: doc_segments(x, max_len) when already made."""
+    cuts = cuts or (doc_segments(x, max_len) if max_len else None)
     x, y = (t.to(device, non_blocking=True).long() for t in (x, y))  # int32 on the wire, int64 on the device
-    if segments is None:
+    if cuts is None:
         return x, y, None
-    seg, cu = (t.to(device, non_blocking=True) for t in segments)
+    seg, cu = (t.to(device, non_blocking=True) for t in cuts)
     torch._dynamo.maybe_mark_dynamic(cu, 0)  # its length varies by multiples of 64: one graph for all (if it can)
     return x, y, document_block_mask(seg) if ATTENTION["kernel"] == "flex" else (cu, max_len)
 
@@ -506,7 +436,18 @@ def load_tokenizer(hp):
     return sp
 
 
-def build_byte_luts(sp, vocab_size):
+class ByteTables(NamedTuple):
+    """What scoring reads besides the model: the tokenizer's byte tables (build_byte_tables), the CaseOps byte sidecar
+    (load_val_bytes; None for plain data) and NGRAM_TILT's (hints, boosts) per prediction (ngram_tilt; None when
+    off), all on the eval device."""
+    base: torch.Tensor
+    space: torch.Tensor
+    boundary: torch.Tensor
+    sidecar: Optional[torch.Tensor] = None
+    tilt: Optional[tuple] = None
+
+
+def build_byte_tables(sp, vocab_size):
     """Per token: UTF-8 bytes of its piece without the leading space marker, whether it has that marker, and
     whether it is a boundary (control/unknown/unused) token.  A marked piece costs one more byte (the space)
     unless the previous token is a boundary; control/unknown tokens cost 0 bytes, byte tokens 1."""
@@ -524,22 +465,22 @@ def build_byte_luts(sp, vocab_size):
         if piece.startswith("\u2581"):
             space[i], piece = True, piece[1:]
         base[i] = len(piece.encode("utf-8"))
-    return torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary)
+    return ByteTables(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
 
 
-def token_bytes(luts, prev_ids, tgt_ids):
-    base, space, boundary = (t.to(tgt_ids.device) for t in luts[:3])
+def token_bytes(tables, prev_ids, tgt_ids):
+    base, space, boundary = (t.to(tgt_ids.device) for t in tables[:3])
     return base[tgt_ids] + (space[tgt_ids] & ~boundary[prev_ids]).long()
 
 
-def target_bytes(luts, x, y, windows):
+def scored_bytes(tables, x, y, windows):
     """Bytes of each target (rows of windows (start, length, score_from) over the validation stream): with CaseOps
-    data the sidecar's count at the target's position (luts[3]), else the tokenizer tables' rule."""
-    if len(luts) < 4 or luts[3] is None:
-        return token_bytes(luts, x, y)
+    data the sidecar's count at the target's position, else the tokenizer tables' rule."""
+    if tables.sidecar is None:
+        return token_bytes(tables, x, y)
     starts = torch.tensor([w[0] for w in windows] + [0] * (len(x) - len(windows)), device=y.device)
-    at = (starts[:, None] + 1 + torch.arange(y.size(1), device=y.device)).clamp(max=len(luts[3]) - 1)
-    return luts[3].to(y.device)[at].long()
+    at = (starts[:, None] + 1 + torch.arange(y.size(1), device=y.device)).clamp(max=len(tables.sidecar) - 1)
+    return tables.sidecar.to(y.device)[at].long()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -557,25 +498,30 @@ def leaky_slopes(num_layers):
     return np.interp(xs, np.arange(len(SEED_SLOPES)), SEED_SLOPES).tolist()
 
 
+QAT_QMAX = 15  # late QAT's grid: #1089's int5
+
+
+class LateQAT:
+    """Late QAT's state: a class-wide switch (flipping it recompiles once) and a sharpness that is a tensor, so that
+    it can change every step without a recompile."""
+    enabled = False
+    alpha = torch.ones(())
+
+
 def fake_quantized(w):
     """Late QAT (#1089's): while it is on and gradients flow, a matrix is seen on its export grid, per-row step
     max(0.9995 row-max / qmax, 1 / qmax), codes soft-rounded as floor + sigmoid(alpha (frac - 1/2))."""
-    if not (BankLinear.qat_enabled and torch.is_grad_enabled()):
+    if not (LateQAT.enabled and torch.is_grad_enabled()):
         return w
-    qmax = 2 ** (BankLinear.qat_bits - 1) - 1
-    scale = (0.9995 * w.detach().abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(1 / qmax)
-    scaled = (w / scale).clamp(-qmax - 1, qmax)
+    scale = (0.9995 * w.detach().abs().amax(dim=-1, keepdim=True) / QAT_QMAX).clamp_min(1 / QAT_QMAX)
+    scaled = (w / scale).clamp(-QAT_QMAX - 1, QAT_QMAX)
     floor = scaled.detach().floor()
-    return (floor + torch.sigmoid(BankLinear.qat_alpha * (scaled - floor - 0.5))) * scale
+    return (floor + torch.sigmoid(LateQAT.alpha * (scaled - floor - 0.5))) * scale
 
 
 class BankLinear(nn.Module):
     """x @ W.T for a weight that lives in a parameter bank.  A module of its own so that Hessian collection
     can hook its inputs, and late QAT can swap in the fake-quantized weight."""
-
-    qat_enabled = False  # class-wide switch (one recompile); the sharpness is a tensor so it can change freely
-    qat_alpha = torch.ones(())
-    qat_bits = 5
 
     def forward(self, x, weight):
         return F.linear(x, fake_quantized(weight).to(x.dtype))
@@ -583,6 +529,9 @@ class BankLinear(nn.Module):
 
 def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
+
+
+ROPE_DIMS, ROPE_BASE = 16, 10000.0  # partial RoPE: 16 rotated channels per head
 
 
 class Rotary(nn.Module):
@@ -608,33 +557,50 @@ class Rotary(nn.Module):
 ATTENTION = {"kernel": "sdpa", "flex": flex_attention}  # chosen once per run by select_attention()
 
 
-def select_attention(hp, device):
-    """ATTN_KERNEL, or the best that runs: on CUDA FlashAttention-3, else flash-attn-4, else flex_attention for
-    documents (SDPA for plain causal attention); on CPU SDPA, per segment for documents.  On CUDA, flex is compiled
-    (eager flex would materialise the T x T scores) and SDPA may not fall back to its MATH kernel (fp32 T x T): a
-    kernel that cannot run fails here, at startup, with the fix, instead of running out of memory later."""
-    cuda = device.type == "cuda"
-    kernel = hp.attn_kernel or next((k for k in FLASH if cuda), "flex" if cuda and hp.doc_isolation else "sdpa")
-    if kernel in ("fa3", "fa4", "flex") and not cuda:
-        raise ConfigError(f"ATTN_KERNEL={kernel} needs CUDA (flex_attention has no backward on CPU); unset it")
-    if kernel in ("fa3", "fa4") and kernel not in FLASH:
-        raise ConfigError(f"ATTN_KERNEL={kernel}: {'flash_attn_interface' if kernel == 'fa3' else 'flash_attn.cute'} "
-                          f"does not import; install {'FlashAttention-3' if kernel == 'fa3' else 'flash-attn-4'} or "
-                          f"unset ATTN_KERNEL")
-    ATTENTION["kernel"] = kernel
-    if cuda:
+def select_attention(hp, rt):
+    """ATTN_KERNEL (which must work), or the first kernel that passes a probe on every rank: on CUDA FlashAttention-3,
+    then flex_attention for documents, then SDPA; on CPU SDPA, per segment for documents.  On CUDA flex is compiled
+    (eager flex would materialise the T x T scores) and SDPA may not fall back to its MATH kernel (fp32 T x T), so a
+    kernel that cannot run fails here, at startup, not out of memory later.  Returns (kernel, failures)."""
+    if hp.attn_kernel in ("fa3", "flex") and not rt.is_cuda:
+        raise ConfigError(f"ATTN_KERNEL={hp.attn_kernel} needs CUDA (flex_attention has no backward on CPU); unset it")
+    if hp.attn_kernel == "fa3" and "fa3" not in FLASH:
+        raise ConfigError("ATTN_KERNEL=fa3: flash_attn_interface does not import; install FlashAttention-3 or unset "
+                          "ATTN_KERNEL")
+    if rt.is_cuda:
         ATTENTION["flex"] = torch.compile(flex_attention, dynamic=False)
         torch.backends.cuda.enable_math_sdp(False)
-        try:  # one tiny forward and backward at the model's head shape, in the training dtype
-            q = torch.randn(1, 256, hp.num_heads, hp.model_dim // hp.num_heads, device=device, dtype=torch.bfloat16,
-                            requires_grad=True)
-            kv = q[:, :, :hp.num_kv_heads]
-            ids = torch.ones(1, 256, dtype=torch.long)
-            attention(q, kv, kv, device_batch(ids, ids, device, 128 * hp.doc_isolation)[2]).sum().backward()
-        except Exception as e:
-            raise ConfigError(f"attention kernel {kernel} failed on {torch.cuda.get_device_name(device)}: {e}; try "
-                              f"ATTN_KERNEL=flex (documents) or sdpa, or install flash-attn-4") from None
-    return kernel
+    candidates = ([*FLASH] + ["flex"] * hp.doc_isolation) * rt.is_cuda + ["sdpa"]
+    failures = []
+    for kernel in dict.fromkeys([hp.attn_kernel] if hp.attn_kernel else candidates):
+        ATTENTION["kernel"] = kernel
+        try:
+            probe_attention(hp, rt)
+            error = ""
+        except Exception as e:  # noqa: BLE001 - any failure means: try the next kernel
+            error = f"{kernel}: {type(e).__name__}: {str(e)[:300]}"
+        if not all_sum(rt, torch.tensor(float(bool(error)), device=rt.device)):  # every rank takes the same kernel
+            return kernel, failures
+        failures.append(error or f"{kernel}: failed on another rank")
+    raise ConfigError(f"no attention kernel runs here: {'; '.join(failures)}")
+
+
+PROBE_TOKENS = 256
+
+
+def probe_attention(hp, rt):
+    """Forward and backward, then a no-grad forward, of the chosen kernel at the model's head shape and dtype, compiled
+    when the run compiles: the paths that training, the Hessians and the eval take."""
+    head_dim, dtype = hp.model_dim // hp.num_heads, torch.bfloat16 if rt.is_cuda else torch.float32
+    q = torch.randn(1, PROBE_TOKENS, hp.num_heads, head_dim, device=rt.device, dtype=dtype, requires_grad=True)
+    kv = q[:, :, :hp.num_kv_heads]
+    ids = torch.zeros(1, PROBE_TOKENS, dtype=torch.long)
+    segments = device_batch(ids, ids, rt.device, PROBE_TOKENS // 2 * hp.doc_isolation)[2]
+    run = torch.compile(attention) if compile_enabled(hp, rt) else attention
+    run(q, kv, kv, segments).float().sum().backward()
+    with torch.no_grad():
+        run(q, kv, kv, segments)
+    rt.sync()
 
 
 def document_block_mask(seg, block=128):
@@ -678,16 +644,16 @@ def sdpa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       for a, b in zip(bounds, bounds[1:]) if b > a])
 
 
-def attention(q, k, v, docs=None):
-    """Causal GQA attention on (B, T, H, D) tensors; with docs (see device_batch) only within each segment."""
+def attention(q, k, v, segments=None):
+    """Causal GQA attention on (B, T, H, D) tensors; with segments (see device_batch) only within each of them."""
     causal_fn, varlen_fn = FLASH.get(ATTENTION["kernel"], (None, sdpa_varlen))
-    if isinstance(docs, BlockMask):
+    if isinstance(segments, BlockMask):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        return ATTENTION["flex"](q, k, v, block_mask=docs, enable_gqa=True).transpose(1, 2)
-    if docs is None:
+        return ATTENTION["flex"](q, k, v, block_mask=segments, enable_gqa=True).transpose(1, 2)
+    if segments is None:
         out = causal_fn(q, k, v, causal=True) if causal_fn else sdpa_causal(q, k, v)
     else:
-        (cu, max_len), flat = docs, (t.flatten(0, 1) for t in (q, k, v))
+        (cu, max_len), flat = segments, (t.flatten(0, 1) for t in (q, k, v))
         out = varlen_fn(*flat, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
                         causal=True)
     return (out[0] if isinstance(out, tuple) else out).view_as(q)
@@ -705,13 +671,13 @@ def previous_token(x):
 
 
 class Block(nn.Module):
-    def __init__(self, hp, layer, use_xsa, use_ve):
+    def __init__(self, hp, layer, use_ve):
         super().__init__()
         dim = hp.model_dim
-        self.layer, self.use_xsa, self.use_ve = layer, use_xsa, use_ve
+        self.layer, self.use_ve = layer, use_ve
         self.num_heads, self.num_kv_heads, self.head_dim = hp.num_heads, hp.num_kv_heads, dim // hp.num_heads
         self.q, self.k, self.v, self.o, self.up, self.down = (BankLinear() for _ in range(6))
-        self.rotary = Rotary(hp.rope_dims, hp.rope_base, hp.rope_ntk_len)
+        self.rotary = Rotary(min(ROPE_DIMS, self.head_dim), ROPE_BASE, hp.rope_ntk_len)
         self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
         self.attn_scale, self.mlp_scale = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))  # x <- a*x + b*x0, per channel
@@ -720,7 +686,7 @@ class Block(nn.Module):
         self.ln_scale = 1.0 / math.sqrt(layer + 1)
         self.slope = hp.leaky_slope if hp.leaky_slope >= 0 else leaky_slopes(hp.num_layers)[layer]
 
-    def attn(self, x, banks, ve, docs, lora=None):
+    def attn(self, x, banks, ve, segments, lora=None):
         """attn_scale * attention of the normed x (the branch alone, without the residual).  lora(name, h): TTT's
         per-document deltas of q, k, v and of the branch output, all read from the normed input."""
         i, n = self.layer, len(banks["mlp_up"])
@@ -733,12 +699,11 @@ class Block(nn.Module):
             v = v + self.ve_scale.to(v.dtype) * ve.view_as(v)
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[:, None]
         k = self.rotary(rms_norm(k))
-        y = attention(q.to(v.dtype), k.to(v.dtype), v, docs)  # autocast may leave the normed q, k in fp32
-        if self.use_xsa:  # exclusive self-attention: drop the component along the token's own value
-            group = self.num_heads // self.num_kv_heads
-            y = y.view(B, T, self.num_kv_heads, group, self.head_dim)
-            vn = F.normalize(v, dim=-1).unsqueeze(3)
-            y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, self.num_heads, self.head_dim)
+        y = attention(q.to(v.dtype), k.to(v.dtype), v, segments)  # autocast may leave the normed q, k in fp32
+        # exclusive self-attention (every layer, both presets): drop the component along the token's own value
+        y = y.view(B, T, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        vn = F.normalize(v, dim=-1).unsqueeze(3)
+        y = (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, self.num_heads, self.head_dim)
         if self.attn_gate is not None:  # sparse per-head output gate, 0.5 at init
             y = y * torch.sigmoid(0.5 * F.linear(h[..., :GATE_WINDOW], self.attn_gate.to(h.dtype)))[..., None]
         return self.attn_scale.to(x.dtype) * (self.o(y.reshape(B, T, -1), banks["qo"][n + i]) + adapted(lora, "o", h))
@@ -751,15 +716,15 @@ class Block(nn.Module):
     def mix(self, x, x0):
         return self.resid_mix[0].to(x.dtype) * x + self.resid_mix[1].to(x.dtype) * x0
 
-    def forward(self, x, x0, banks, ve, docs, lora=None):
+    def forward(self, x, x0, banks, ve, segments, lora=None):
         x = self.mix(x, x0)
-        x = x + self.attn(x, banks, ve, docs, lora)
+        x = x + self.attn(x, banks, ve, segments, lora)
         return x + self.mlp(x, banks, lora)
 
-    def forward_lanes(self, lanes, x0, banks, ve, docs, post, resid, lora=None):
+    def forward_lanes(self, lanes, x0, banks, ve, segments, post, resid, lora=None):
         """Parallel residual lanes: attention reads lane 0 (mixed with x0), the MLP reads lane 1, both before this
         layer; each output reaches both lanes through learned scalars (post: 2 branches x 2 lanes)."""
-        a = self.attn(self.mix(lanes[0], x0), banks, ve, docs, lora)
+        a = self.attn(self.mix(lanes[0], x0), banks, ve, segments, lora)
         m = self.mlp(lanes[1], banks, lora)
         return [resid[j].to(a.dtype) * lanes[j] + post[0, j].to(a.dtype) * a + post[1, j].to(a.dtype) * m
                 for j in range(2)]
@@ -772,22 +737,24 @@ class TiedHead(nn.Module):
         return F.linear(x, weight.to(x.dtype))
 
 
-def softcap_cross_entropy(logits_of, h, targets, softcap, reduction="mean", chunk=0, tilt=None):
-    """Cross-entropy of softcap * tanh(logits_of(h) / softcap) in fp32.  chunk > 0: `chunk` tokens at a time under
-    activation checkpointing (the backward recomputes each chunk's logits), so that no (tokens x vocab) fp32 tensor
-    exists; the record's micro-batch makes 3.2 GB ones (98,304 x 8,192).  tilt: NGRAM_TILT's (hints, boosts) (B, T),
-    + boost at the hint after the softcap, still a softmax (unchunked)."""
-    def nll(h, targets, reduction):
-        logits = softcap * torch.tanh(logits_of(h).float() / softcap)
-        if tilt is not None:
-            logits = logits.scatter_add(-1, tilt[0][..., None], tilt[1][..., None])
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+LOGIT_SOFTCAP = 30.0
 
-    if not chunk:
-        return nll(h, targets, reduction)
-    pieces = zip(h.reshape(-1, h.size(-1)).split(chunk), targets.reshape(-1).split(chunk))
-    out = torch.cat([torch.utils.checkpoint.checkpoint(nll, *p, "none", use_reentrant=False) for p in pieces])
-    return out.mean() if reduction == "mean" else out.sum() if reduction == "sum" else out
+
+def softcap_cross_entropy(logits_of, h, targets, reduction="mean", tilt=None):
+    """Cross-entropy of c * tanh(logits_of(h) / c), c = LOGIT_SOFTCAP, in fp32.  tilt: NGRAM_TILT's (hints, boosts)
+    (B, T): then (the NLL with + boost at the hint after the softcap, still a softmax; the plain NLL), stacked
+    (reduction "none"): the tilted one is scored, the plain one trained on."""
+    logits = LOGIT_SOFTCAP * torch.tanh(logits_of(h).float() / LOGIT_SOFTCAP)
+    plain = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+    if tilt is None:
+        return plain
+    hint, boost = tilt
+    p_hint = (logits.gather(-1, hint[..., None]) - logits.logsumexp(-1, keepdim=True)).exp()[..., 0]
+    tilted = plain.view(hint.shape) + torch.log1p(p_hint * torch.expm1(boost)) - boost * (targets == hint)
+    return torch.stack([tilted.flatten(), plain])
+
+
+ENGRAM_DIM = 32  # dims per EngramLite hash
 
 
 class EngramLite(nn.Module):
@@ -797,8 +764,8 @@ class EngramLite(nn.Module):
     def __init__(self, hp):
         super().__init__()
         self.buckets = hp.engram_buckets
-        self.table = nn.Embedding(4 * self.buckets, hp.engram_dim)
-        self.proj = nn.Parameter(torch.zeros(hp.model_dim, 4 * hp.engram_dim))
+        self.table = nn.Embedding(4 * self.buckets, ENGRAM_DIM)
+        self.proj = nn.Parameter(torch.zeros(hp.model_dim, 4 * ENGRAM_DIM))
         self.gate = nn.Parameter(torch.zeros(hp.model_dim))
         nn.init.normal_(self.table.weight, std=0.01)
 
@@ -823,6 +790,9 @@ def layer_order(hp, looping):
     return order[:len(order) // 2], order[len(order) // 2:]
 
 
+TIED_EMBED_INIT_STD = 0.005
+
+
 class GPT(nn.Module):
     """One class for training, Hessian collection, eval and TTT.  Per-layer matrices live in four 3-D banks:
     qo (q for layers 0..L-1, o for L..2L-1), kv (k, then v), mlp_up, mlp_down."""
@@ -831,7 +801,7 @@ class GPT(nn.Module):
         super().__init__()
         L, d = hp.num_layers, hp.model_dim
         kv_dim = hp.num_kv_heads * (d // hp.num_heads)
-        self.hp, self.softcap = hp, hp.logit_softcap
+        self.hp = hp
         self.looping = hp.num_loops > 0  # eval and TTT always loop; training switches the loops on late
         self.lora = None  # TTT_MODE=phased attaches per-document adapters (a LoRA) while it scores documents
         self.qo = nn.Parameter(torch.empty(2 * L, d, d))
@@ -845,19 +815,17 @@ class GPT(nn.Module):
             self.smear_w, self.smear_lambda = nn.Parameter(torch.zeros(GATE_WINDOW)), nn.Parameter(torch.zeros(()))
         else:
             self.smear_gate = nn.Parameter(torch.zeros(d))
-        ve_ids = hp.ve_layer_ids() if hp.ve_dim else []
-        if hp.ve_dim:
+        if hp.ve_dim:  # on the last two layers
             self.ve_table = nn.Embedding(hp.vocab_size, hp.ve_dim)
             self.ve_proj = nn.Parameter(torch.zeros(kv_dim, hp.ve_dim))
             nn.init.normal_(self.ve_table.weight, std=0.01)
-        xsa_from = L - min(hp.xsa_last_n, L)
-        self.blocks = nn.ModuleList(Block(hp, i, i >= xsa_from, i in ve_ids) for i in range(L))
+        self.blocks = nn.ModuleList(Block(hp, i, hp.ve_dim > 0 and i >= L - 2) for i in range(L))
         n_skips = len(layer_order(hp, True)[1])
         self.skip_weights = nn.Parameter(torch.ones(n_skips, d))
         self.skip_gates = nn.Parameter(torch.zeros(n_skips, d))  # sigmoid(0) = 0.5
         if hp.parallel_start:
             self.lane_post, self.lane_resid = nn.Parameter(torch.ones(L, 2, 2)), nn.Parameter(torch.full((L, 2), 1.1))
-        nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
+        nn.init.normal_(self.tok_emb.weight, std=TIED_EMBED_INIT_STD)
         self.init_banks(hp)
 
     @torch.no_grad()
@@ -891,16 +859,16 @@ class GPT(nn.Module):
         x = rms_norm(x)
         return x + torch.sigmoid(self.smear_gate).to(x.dtype) * (previous_token(x) - x)  # causal blend
 
-    def forward(self, ids, targets, reduction="mean", docs=None, tilt=None):
-        """Cross-entropy of `targets` given `ids` (B, T); docs: document-isolated attention (device_batch)."""
+    def forward(self, ids, targets, reduction="mean", segments=None, tilt=None):
+        """Cross-entropy of `targets` given `ids` (B, T); segments: document-isolated attention (device_batch)."""
         x = x0 = self.embed(ids)
-        if self.hp.bf16_stream and torch.is_autocast_enabled(ids.device.type):  # else the residual adds promote to fp32
+        if torch.is_autocast_enabled(ids.device.type):  # a bf16 residual stream, as the references' (else fp32)
             x = x0 = x.to(torch.get_autocast_dtype(ids.device.type))
         ve = 0.1 * F.linear(self.ve_table(ids), fake_quantized(self.ve_proj).to(x.dtype)) if self.hp.ve_dim else None
         banks, skips, lanes = self.banks(), [], None
         encoder, decoder = layer_order(self.hp, self.looping)
         for v, i in enumerate(encoder):
-            x = self.blocks[i](x, x0, banks, ve, docs, self.adapters(v))
+            x = self.blocks[i](x, x0, banks, ve, segments, self.adapters(v))
             skips.append(x)
         for j, i in enumerate(decoder):
             lora = self.adapters(len(encoder) + j)
@@ -915,9 +883,9 @@ class GPT(nn.Module):
                     lanes[0] = torch.lerp(skip, lanes[0], gate)
             block = self.blocks[i]
             if lanes is None:
-                x = block(x, x0, banks, ve, docs, lora)
+                x = block(x, x0, banks, ve, segments, lora)
             else:
-                lanes = block.forward_lanes(lanes, x0, banks, ve, docs, self.lane_post[i], self.lane_resid[i], lora)
+                lanes = block.forward_lanes(lanes, x0, banks, ve, segments, self.lane_post[i], self.lane_resid[i], lora)
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
 
@@ -925,8 +893,7 @@ class GPT(nn.Module):
             logits = self.head(h, self.tok_emb.weight)
             return logits if self.lora is None else logits + self.lora.pair(-1, h)  # the LM head's adapter
 
-        chunk = self.hp.ce_chunk_tokens if self.lora is None and tilt is None else 0  # both read whole (B, T) rows
-        return softcap_cross_entropy(logits_of, rms_norm(x), targets, self.softcap, reduction, chunk, tilt)
+        return softcap_cross_entropy(logits_of, rms_norm(x), targets, reduction, tilt)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -983,16 +950,20 @@ def muon_update(G, steps, variant):
     return X * max(1.0, G.size(-2) / G.size(-1)) ** 0.5
 
 
+MUON_STEPS = {"turbo": 4, "eqr": 5}  # Newton-Schulz iterations of each variant (#1089's; the record's)
+MUON_COMM_DTYPE = torch.bfloat16  # across ranks: gradients reduce-scattered, updates all-gathered in bf16
+
+
 class Muon:
     """Momentum + Turbo-Muon on matrix parameters, each viewed as a 3-D bank (a 2-D matrix is a bank of one).
     Across W ranks: each bank's gradient is reduce-scattered over its first dim, every rank orthogonalises
     its own shard, and an all-gather brings the updates back (no DDP, no redundant Newton-Schulz)."""
 
-    def __init__(self, params, lr, momentum, wd, steps, world_size, variant="turbo", comm_dtype=torch.float32,
-                 compiled=False):
+    def __init__(self, params, lr, momentum, wd, world_size, variant="turbo", comm_dtype=None, compiled=False):
         self.params = sorted(params, key=lambda p: p.numel(), reverse=True)  # largest first: longest comms first
-        self.lr, self.momentum, self.wd, self.steps, self.world_size = lr, momentum, wd, steps, world_size
-        self.variant, self.comm_dtype = variant, comm_dtype  # momentum and the parameters stay fp32 either way
+        self.lr, self.momentum, self.wd, self.world_size = lr, momentum, wd, world_size
+        self.steps, self.variant = MUON_STEPS[variant], variant
+        self.comm_dtype = comm_dtype or MUON_COMM_DTYPE  # momentum and the parameters stay fp32 either way
         self.update = torch.compile(muon_update, dynamic=False) if compiled else muon_update  # a graph per bank shape
         self.buffers = [torch.zeros_like(self._padded(p.detach())[:self._shard(p)]) for p in self.params]
 
@@ -1017,7 +988,7 @@ class Muon:
             out.append((shard, dist.reduce_scatter_tensor(shard, g, op=dist.ReduceOp.AVG, async_op=True)))
         return out
 
-    def launch_updates(self, shards, lr_scale, clip):
+    def launch_updates(self, shards, clip):
         """Momentum and orthogonalisation on this rank's shards, once reduce-scattered; starts the all-gathers."""
         pending = []
         for p, (g, handle), buf in zip(self.params, shards, self.buffers):
@@ -1042,16 +1013,12 @@ class Muon:
             p.data.mul_(1 - lr * self.wd)
             p.data.add_(update[:p.size(0) if p.dim() == 3 else 1].view_as(p), alpha=-lr)
 
-    def step(self, lr_scale=1.0):
-        """An unclipped step on one rank (for rank-local parameters: TTT's per-document adapters)."""
-        self.finish(self.launch_updates(self.reduce_grads(), lr_scale, 1.0), lr_scale)
-
 
 class Optimizers:
     """Muon for matrices plus a torch optimizer for everything else, stepped together with one exact global
     gradient-norm clip (computed from the reduce-scattered shards, so it matches a single-process run)."""
 
-    def __init__(self, muon, other, max_grad_norm, world_size):
+    def __init__(self, muon, other, max_grad_norm, world_size):  # max_grad_norm 0: no clip
         self.muon, self.other, self.max_grad_norm, self.world_size = muon, other, max_grad_norm, world_size
         self.device = (muon.params or [p for g in other.param_groups for p in g["params"]])[0].device
         for group in other.param_groups:
@@ -1075,7 +1042,7 @@ class Optimizers:
         if flat is not None:
             sq = sq + flat.float().square().sum()
         clip = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0) if self.max_grad_norm > 0 else 1.0
-        pending = self.muon.launch_updates(shards, lr_scale, clip)
+        pending = self.muon.launch_updates(shards, clip)
         if flat is not None:
             offset = 0
             for p in small:
@@ -1106,18 +1073,22 @@ def matrix_params(model):
     return [model.qo, model.kv, model.mlp_up, model.mlp_down] + extra
 
 
+ADAM_BETA1 = 0.9  # of the scalars (the embeddings' is EMBED_BETA1)
+GRAD_CLIP_NORM = 0.3
+
+
 def build_optimizers(model, hp, world_size, compiled=False):
     matrices = {id(p) for p in matrix_params(model)}
-    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
-    scalars = [p for p in model.parameters() if id(p) not in matrices and all(p is not t for t in tables)]
-    muon = Muon(matrix_params(model), hp.matrix_lr, hp.muon_momentum, hp.muon_wd, hp.muon_backend_steps, world_size,
-                hp.muon_variant, torch.bfloat16 if hp.muon_comm_bf16 else torch.float32, compiled)
+    embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    scalars = [p for p in model.parameters() if id(p) not in matrices and all(p is not t for t in embeddings)]
+    muon = Muon(matrix_params(model), hp.matrix_lr, hp.muon_momentum, hp.muon_wd, world_size, hp.muon_variant,
+                compiled=compiled)
     adam = torch.optim.AdamW(
-        [{"params": tables, "lr": hp.tied_embed_lr, "betas": (hp.embed_beta1, hp.adam_beta2),
+        [{"params": embeddings, "lr": hp.tied_embed_lr, "betas": (hp.embed_beta1, hp.adam_beta2),
           "weight_decay": hp.embed_wd},
-         {"params": scalars, "lr": hp.scalar_lr, "betas": (hp.adam_beta1, hp.adam_beta2)}],
-        eps=hp.adam_eps, weight_decay=hp.adam_wd)
-    return Optimizers(muon, adam, hp.grad_clip_norm, world_size)
+         {"params": scalars, "lr": hp.scalar_lr, "betas": (ADAM_BETA1, hp.adam_beta2)}],
+        eps=1e-8, weight_decay=hp.adam_wd)
+    return Optimizers(muon, adam, GRAD_CLIP_NORM, world_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1151,9 +1122,9 @@ class Runtime:
             torch.cuda.synchronize()
 
 
-# A run compiles a few graphs of GPT.forward: training, training with late QAT or loops, scoring and TTT.  A kernel
-# that breaks the graph at every attention call (flash-attn-4, the CPU kernel) compiles each block's frame per layer
-# and mode instead, dozens of entries; the limit leaves room for them: past it dynamo silently falls back to eager.
+# A run compiles a few graphs of GPT.forward: training, training with late QAT or loops, scoring and TTT.  The CPU
+# kernel breaks the graph at every attention call and compiles each block's frame per layer and mode instead, dozens
+# of entries; the limit leaves room for them: past it dynamo silently falls back to eager.
 COMPILE_GRAPH_LIMIT = 64
 
 
@@ -1169,9 +1140,12 @@ def maybe_compile(model, hp, rt, dynamic=False):
 
 
 def log_compiled_graphs(hp, rt, phase):
+    """Graphs compiled so far on every rank: equal counts before and after a timed phase = nothing compiled in it."""
     if compile_enabled(hp, rt):
-        rt.log(f"compile:{phase} graphs:{torch._dynamo.utils.counters['stats']['unique_graphs']} "
-               f"limit:{COMPILE_GRAPH_LIMIT}")
+        graphs = [torch._dynamo.utils.counters["stats"]["unique_graphs"]] * rt.world_size
+        if rt.world_size > 1:
+            dist.all_gather_object(graphs, graphs[0])
+        rt.log(f"compile:{phase} graphs_per_rank:{','.join(map(str, graphs))} limit:{COMPILE_GRAPH_LIMIT}")
 
 
 def training_progress(hp, step, elapsed_ms, cap_ms):
@@ -1179,10 +1153,10 @@ def training_progress(hp, step, elapsed_ms, cap_ms):
     return max(step / max(hp.iterations, 1), elapsed_ms / cap_ms if cap_ms else 0.0)
 
 
-def lr_scale(hp, step, elapsed_ms, cap_ms):
-    """1.0, then a linear warmdown to LR_FLOOR: over the last WARMDOWN_FRAC of the run when that is set, else over
-    the last WARMDOWN_ITERS steps, placed by time when the wall-clock cap binds (remaining steps estimated from
-    the measured step time)."""
+def lr_schedule(hp, step, elapsed_ms, cap_ms):
+    """The LR scale: 1.0, then a linear warmdown to LR_FLOOR: over the last WARMDOWN_FRAC of the run when that is
+    set, else over the last WARMDOWN_ITERS steps, placed by time when the wall-clock cap binds (remaining steps
+    estimated from the measured step time)."""
     scale = 1.0
     if hp.warmdown_frac:
         scale = min(1.0, (1 - training_progress(hp, step, elapsed_ms, cap_ms)) / hp.warmdown_frac)
@@ -1198,10 +1172,13 @@ def grad_accum_steps(hp, world_size):
     accum = hp.grad_accum_steps or max(1, 8 // world_size)
     for n, _ in hp.seq_stages():
         if hp.train_batch_tokens % (world_size * accum * n):
+            name = "TRAIN_SEQ_LEN" if n == hp.train_seq_len else "the TRAIN_SEQ_SCHEDULE context "
             raise ConfigError(f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must be divisible by world_size"
-                              f"({world_size}) x GRAD_ACCUM_STEPS({accum}) x "
-                              f"{'TRAIN_SEQ_LEN' if n == hp.train_seq_len else 'the TRAIN_SEQ_SCHEDULE context '}({n})")
+                              f"({world_size}) x GRAD_ACCUM_STEPS({accum}) x {name}({n})")
     return accum
+
+
+LOOP_ENABLE_AT = 0.35  # fraction of training after which the loops switch on (eval always loops)
 
 
 def training_shapes(hp):
@@ -1209,22 +1186,25 @@ def training_shapes(hp):
     before LOOP_ENABLE_AT and looped after; the warm-up compiles them all before the clock starts."""
     shapes, begin = [], 0.0
     for n, until in hp.seq_stages():
-        shapes += [(n, False)] * (begin < hp.loop_enable_at or not hp.num_loops)
-        shapes += [(n, True)] * (hp.num_loops > 0 and until >= hp.loop_enable_at)
+        shapes += [(n, False)] * (begin < LOOP_ENABLE_AT or not hp.num_loops)
+        shapes += [(n, True)] * (hp.num_loops > 0 and until >= LOOP_ENABLE_AT)
         begin = until
     return list(dict.fromkeys(shapes))
 
 
-def train_step(model, opt, loader, hp, rt, accum, scale):
+def train_step(model, opt, loader, rt, accum, scale):
     total = torch.zeros((), device=rt.device)
     for _ in range(accum):
-        x, y, docs = loader.next_batch(accum)
+        x, y, segments = loader.next_batch(accum)
         with rt.autocast():
-            loss = model(x, y, docs=docs)
+            loss = model(x, y, segments=segments)
         (loss / accum).backward()
         total += loss.detach() / accum
     opt.step(scale)
     return total
+
+
+SWA_START_SCALE = 0.2  # SWA snapshots while the LR scale is below this
 
 
 class WeightAverager:
@@ -1240,7 +1220,7 @@ class WeightAverager:
     def update(self, model, step, scale):
         params = [p.detach().float() for p in model.parameters()]
         torch._foreach_lerp_(self.ema, params, 1 - self.hp.ema_decay)
-        if self.hp.swa_every and scale < self.hp.swa_start_scale and step % self.hp.swa_every == 0:
+        if self.hp.swa_every and scale < SWA_START_SCALE and step % self.hp.swa_every == 0:
             torch._foreach_add_(self.swa, params)
             self.swa_count += 1
 
@@ -1252,80 +1232,98 @@ class WeightAverager:
             p.copy_(a)
 
 
-def train(model, hp, rt, val_tokens, luts):
+def warm_up_training(model, step_model, opt, files, hp, rt, accum):
+    """WARMUP_STEPS steps through every (context, looping) graph in turn, the last with late QAT on, then the
+    Hessians' no-grad forward, so that every training-shape graph compiles before the clock starts; the model and
+    optimizer state are restored afterwards."""
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), opt.state_dict()
+    loader, shapes = DistributedTokenLoader(files, hp, rt.rank, rt.world_size, rt.device), training_shapes(hp)
+    for i in range(hp.warmup_steps):
+        LateQAT.enabled = hp.qat_threshold > 0 and i == hp.warmup_steps - 1
+        loader.seq_len, model.looping = shapes[i * len(shapes) // hp.warmup_steps]
+        train_step(step_model, opt, loader, rt, accum, 1.0)
+    LateQAT.enabled = False
+    loader.seq_len, model.looping = hp.train_seq_len, hp.num_loops > 0
+    with torch.no_grad(), rt.autocast():  # the Hessians' no-grad forward: compiled here, not inside the training cap
+        x, y, segments = loader.next_batch(accum)
+        model(x, y, segments=segments)
+    model.load_state_dict(saved_model)
+    opt.load_state_dict(saved_opt)
+
+
+SEQ_CHANGE_WARMUP_STEPS = 32  # after a TRAIN_SEQ_SCHEDULE switch the LR ramps back up over this many steps (#2014)
+MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP_STEPS = 0.92, 1500  # Muon's momentum rises from 0.92 to MUON_MOMENTUM
+
+
+def train(model, hp, rt):
     """Trains `model` in place within the wall-clock cap and loads the averaged weights into it."""
     accum = grad_accum_steps(hp, rt.world_size)
     rt.log(f"world_size:{rt.world_size} grad_accum_steps:{accum} device:{rt.device.type}")
     step_model = maybe_compile(model, hp, rt)
-    BankLinear.qat_bits, BankLinear.qat_alpha = hp.qat_bits, torch.ones((), device=rt.device)
+    LateQAT.alpha = torch.ones((), device=rt.device)
     opt = build_optimizers(model, hp, rt.world_size, compile_enabled(hp, rt))
     files = shard_files(hp.data_path, "train")
-    if hp.warmup_steps:  # compile/warm-up steps; the model and optimizer state are restored afterwards
-        saved = copy.deepcopy(model.state_dict()), opt.state_dict()
-        loader, shapes = DistributedTokenLoader(files, hp, rt.rank, rt.world_size, rt.device), training_shapes(hp)
-        for i in range(hp.warmup_steps):  # every (context, looping) in turn, the last with late QAT on, so that
-            BankLinear.qat_enabled = hp.qat_threshold > 0 and i == hp.warmup_steps - 1  # every graph compiles untimed
-            loader.seq_len, model.looping = shapes[i * len(shapes) // hp.warmup_steps]
-            train_step(step_model, opt, loader, hp, rt, accum, 1.0)
-        BankLinear.qat_enabled = False
-        model.load_state_dict(saved[0])
-        opt.load_state_dict(saved[1])
+    if hp.warmup_steps:
+        t0 = time.perf_counter()
+        warm_up_training(model, step_model, opt, files, hp, rt, accum)
+        rt.sync()
+        log_compiled_graphs(hp, rt, f"warmup seconds:{time.perf_counter() - t0:.1f}")
     loader, stages = DistributedTokenLoader(files, hp, rt.rank, rt.world_size, rt.device), hp.seq_stages()
     loader.seq_len, model.looping = stages[0][0], False
     averager = WeightAverager(model, hp)
     cap_ms = max(hp.max_wallclock_seconds * 1000 - hp.gptq_reserve_ms, 0) if hp.max_wallclock_seconds else 0
-    train_ms, step, last_loss, stop, elapsed, switched = 0.0, 0, float("nan"), False, 0.0, -hp.seq_change_warmup_steps
+    train_ms = 0.0
+    elapsed = 0.0
+    step = 0
+    stop_at = hp.iterations
+    last_loss = float("nan")
+    switched = -SEQ_CHANGE_WARMUP_STEPS
+    first_bad = torch.tensor(-1.0, device=rt.device)  # the first step with a non-finite loss, on the device: no sync
     rt.sync()
     t0 = time.perf_counter()
     while True:
-        last = step == hp.iterations or stop
-        if hp.val_loss_every and (step % hp.val_loss_every == 0 or last):
-            rt.sync()
-            train_ms += 1000 * (time.perf_counter() - t0)
-            loss, bpb = eval_full(step_model, val_tokens, hp, rt, luts)
-            rt.log(f"step:{step}/{hp.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} train_time:{train_ms:.0f}ms "
-                   f"step_avg:{train_ms / max(step, 1):.2f}ms")
-            t0 = time.perf_counter()
+        last = step >= stop_at
         if last:
             break
-        scale = lr_scale(hp, step, elapsed, cap_ms)
+        scale = lr_schedule(hp, step, elapsed, cap_ms)
         set_late_qat(hp, rt, scale, step)
         progress = training_progress(hp, step, elapsed, cap_ms)
         seq_len = next(n for n, until in stages if progress <= until or until == 1.0)
         if seq_len != loader.seq_len:
             loader.seq_len, switched = seq_len, step
             rt.log(f"train_seq_len:{seq_len} step:{step} progress:{progress:.3f}")
-        rewarm = min((step - switched + 1) / hp.seq_change_warmup_steps, 1.0) if hp.seq_change_warmup_steps else 1.0
-        if hp.num_loops and not model.looping and progress >= hp.loop_enable_at:
+        rewarm = min((step - switched + 1) / SEQ_CHANGE_WARMUP_STEPS, 1.0)  # the LR back up after a switch
+        if hp.num_loops and not model.looping and progress >= LOOP_ENABLE_AT:
             model.looping = True
-            rt.log(f"layer_loop:enabled step:{step} progress:{progress:.3f} encoder:{layer_order(hp, True)[0]} "
-                   f"decoder:{layer_order(hp, True)[1]}")
-        frac = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps else 1.0
-        opt.muon.momentum = (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
-        loss = train_step(step_model, opt, loader, hp, rt, accum, scale * rewarm)  # LR back up after a switch (#2014)
+            encoder, decoder = layer_order(hp, True)
+            rt.log(f"layer_loop:enabled step:{step} progress:{progress:.3f} encoder:{encoder} decoder:{decoder}")
+        warm = min(step / MUON_MOMENTUM_WARMUP_STEPS, 1.0)
+        opt.muon.momentum = (1 - warm) * MUON_MOMENTUM_START + warm * hp.muon_momentum
+        loss = train_step(step_model, opt, loader, rt, accum, scale * rewarm)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step + 1.0, first_bad)
         averager.update(model, step, scale)
         step += 1
         if step % hp.train_log_every == 0 or step == hp.iterations:
-            loss_value = all_sum(rt, loss).item() / rt.world_size
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"non-finite train loss {loss_value} at step {step} (last good loss "
-                                         f"{last_loss:.4f}); lower the learning rates or check the data")
-            last_loss = loss_value
+            logged = all_sum(rt, loss).item() / rt.world_size
+            last_loss = logged if math.isfinite(logged) else last_loss
             shown = train_ms + 1000 * (time.perf_counter() - t0)
-            rt.log(f"step:{step}/{hp.iterations} train_loss:{loss_value:.4f} train_time:{shown:.0f}ms "
+            rt.log(f"step:{step}/{hp.iterations} train_loss:{logged:.4f} train_time:{shown:.0f}ms "
                    f"step_avg:{shown / step:.2f}ms")
-        if cap_ms:  # stop when one more step would cross the cap
-            elapsed = shared_elapsed_ms(rt, train_ms, t0)
-            if elapsed + elapsed / step > cap_ms and step < hp.iterations:
-                stop = True
-                rt.log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step}/{hp.iterations}")
+        if step % CLOCK_EVERY == 0 or step == stop_at:  # a host sync: only every few steps
+            elapsed, bad = shared_clock(rt, train_ms, t0, first_bad)
+            check_loss(bad, last_loss)
+            fit = int((cap_ms - elapsed) * step / elapsed) if cap_ms else CLOCK_EVERY  # steps that still fit
+            if fit < CLOCK_EVERY and step + fit < stop_at:  # every rank plans the same last step
+                stop_at = step + max(fit, 0)
+                rt.log(f"stopping_early: wallclock_cap train_time:{elapsed:.0f}ms step:{step} "
+                       f"last_step:{stop_at}/{hp.iterations}")
     rt.sync()
     train_ms += 1000 * (time.perf_counter() - t0)
     rt.log(f"training_done steps:{step} train_time:{train_ms:.0f}ms")
     if rt.is_cuda:
         rt.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    BankLinear.qat_enabled = False
+    LateQAT.enabled = False
     model.looping = hp.num_loops > 0  # Hessians, eval and TTT run the looped model
     averager.apply(model, rt)
     log_weight_checksums(model, rt)
@@ -1333,14 +1331,24 @@ def train(model, hp, rt, val_tokens, luts):
     return train_ms
 
 
-def shared_elapsed_ms(rt, train_ms, t0):
-    """Rank 0's training clock, broadcast.  The LR schedule, late QAT, SWA and the stop all read it, so every
-    replica takes the same branch; each rank's own clock would differ a little near every threshold."""
+def check_loss(bad_step, last_logged):
+    if bad_step >= 0:
+        raise FloatingPointError(f"non-finite train loss at step {bad_step:.0f} (last finite logged loss {last_logged:.4f}); "
+                                 f"lower the learning rates or check the data")
+
+
+CLOCK_EVERY = 8  # training reads the shared clock (a host sync and a collective) every this many steps
+
+
+def shared_clock(rt, train_ms, t0, flag=-1.0):
+    """(rank 0's clock in ms, the largest `flag` of any rank) in one collective.  The LR schedule, late QAT, SWA and
+    the stop all read this clock, so every replica takes the same branch; each rank's own would differ a little."""
     rt.sync()
-    elapsed = torch.tensor(train_ms + 1000 * (time.perf_counter() - t0), dtype=torch.float64, device=rt.device)
+    mine = train_ms + 1000 * (time.perf_counter() - t0) if rt.rank == 0 else 0.0
+    both = torch.stack([torch.tensor(mine, dtype=torch.float64), torch.as_tensor(flag).double().cpu()]).to(rt.device)
     if rt.world_size > 1:
-        dist.broadcast(elapsed, 0)
-    return elapsed.item()
+        dist.all_reduce(both, dist.ReduceOp.MAX)
+    return both.tolist()
 
 
 def log_weight_checksums(model, rt):
@@ -1359,10 +1367,10 @@ def set_late_qat(hp, rt, scale, step):
     if hp.qat_threshold <= 0 or scale >= hp.qat_threshold:
         return
     progress = (hp.qat_threshold - scale) / max(hp.qat_threshold - hp.lr_floor, 1e-9)
-    if not BankLinear.qat_enabled:
-        rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f} bits:{hp.qat_bits}")
-        BankLinear.qat_enabled = True
-    BankLinear.qat_alpha.fill_(1.0 + 15.0 * min(progress, 1.0))
+    if not LateQAT.enabled:
+        rt.log(f"late_qat:enabled step:{step} scale:{scale:.4f}")
+        LateQAT.enabled = True
+    LateQAT.alpha.fill_(1.0 + 15.0 * min(progress, 1.0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1385,7 +1393,7 @@ def make_windows(begin, end, seq_len, stride, origin=0):
 
 
 def padded_batch(tokens, windows, rows, seq_len, hp, device, isolate=True):
-    """(inputs, targets, docs, mask of the positions to score or train on) for windows (start, length, score_from),
+    """(inputs, targets, segments, mask of the positions to score or train on) for windows (start, length, score_from),
     always `rows` x `seq_len`: a short window is right-padded with the tokens that follow it (causal attention
     never lets a position see them), missing rows are masked out entirely.  One shape, so one compiled graph.
     Each row is its own attention context; with DOC_ISOLATION (and `isolate`) so is each document in it."""
@@ -1393,72 +1401,23 @@ def padded_batch(tokens, windows, rows, seq_len, hp, device, isolate=True):
     pos = torch.arange(seq_len + 1)
     seqs = tokens[(spans[:, :1] + pos).clamp(max=len(tokens) - 1)]
     mask = (pos[:-1] >= spans[:, 2:]) & (pos[:-1] < spans[:, 1:2])
-    x, y, docs = device_batch(seqs[:, :-1], seqs[:, 1:], device, seq_len * hp.doc_isolation * isolate)
-    return x, y, docs, mask.to(device, non_blocking=True)
+    x, y, segments = device_batch(seqs[:, :-1], seqs[:, 1:], device, seq_len * hp.doc_isolation * isolate)
+    return x, y, segments, mask.to(device, non_blocking=True)
 
 
-@torch.no_grad()
-def score_windows(model, tokens, windows, hp, rt, luts, counts=None):
-    """Sums (NLL nats, scored tokens, bytes) in float64 over the given windows on this rank, in batches of
-    EVAL_BATCH_SEQS x EVAL_SEQ_LEN."""
-    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    for i in range(0, len(windows), hp.eval_batch_seqs):
-        batch = windows[i:i + hp.eval_batch_seqs]
-        x, y, docs, mask = padded_batch(tokens, batch, hp.eval_batch_seqs, hp.eval_seq_len, hp, rt.device)
-        with rt.autocast():
-            tilt = batch_tilt(luts, batch, hp.eval_batch_seqs, hp.eval_seq_len, rt.device)
-            nll = model(x, y, reduction="none", docs=docs, tilt=tilt).view(mask.shape).double()
-        add_scores(totals, nll, x, y, mask, batch, luts, counts)
-    return totals
-
-
-def add_scores(totals, nll, x, y, mask, windows, luts, counts=None):
-    """Adds the masked predictions' (NLL, count, bytes) to the float64 totals; `counts` (tests) counts per
-    prediction how often it was scored."""
-    nbytes = target_bytes(luts, x, y, windows).double()
-    totals += torch.stack([(nll * mask).sum(), mask.sum().double(), (nbytes * mask).sum()])
-    if counts is not None:
-        for start, length, score_from in windows:
-            counts[start + score_from:start + length] += 1
-
-
-def all_sum(rt, t):
-    if rt.world_size > 1:
-        dist.all_reduce(t)
-    return t
-
-
-def loss_and_bpb(totals):
-    nll, n, nbytes = totals.tolist()
-    return nll / n, nll / math.log(2) / nbytes
-
-
-def eval_sliding(model, tokens, hp, rt, luts, stride=None, counts=None):
-    was_training = model.training
-    model.eval()
-    windows = make_windows(0, len(tokens) - 1, hp.eval_seq_len, stride or hp.eval_stride)
-    per_rank = math.ceil(len(windows) / rt.world_size)
-    mine = windows[rt.rank * per_rank:(rt.rank + 1) * per_rank]
-    totals = all_sum(rt, score_windows(model, tokens, mine, hp, rt, luts, counts))
-    model.train(was_training)
-    return loss_and_bpb(totals)
-
-
-def eval_full(model, tokens, hp, rt, luts):
-    """The baseline's eval: non-overlapping EVAL_SEQ_LEN sequences (a tail shorter than one is not scored)."""
-    n = (len(tokens) - 1) // hp.eval_seq_len * hp.eval_seq_len
-    return eval_sliding(model, tokens[:n + 1], hp, rt, luts, stride=hp.eval_seq_len)
+# NGRAM_TILT's constants (#2135's): the hint's context is the 15 tokens ending at the prediction; it is boosted by
+# 2.625 (a logit, after the softcap) where it took at least 80 % of that context's earlier continuations.
+NGRAM_ORDER, NGRAM_THRESHOLD, NGRAM_BOOST = 16, 0.8, 2.625
 
 
 def ngram_tilt(tokens, hp, rt):
     """NGRAM_TILT's (hints, boosts) per prediction p (target tokens[p + 1]), or None when off.  The hint is the token
     that most often followed p's context (the NGRAM_ORDER - 1 tokens ending at p) at earlier predictions (targets in
     p's prefix; a tie keeps the one that got there first), boosted by NGRAM_BOOST where it took >= NGRAM_THRESHOLD of
-    them; scope doc counts only p's document.  Phased TTT's adapters train on the tilted loss they are scored by (the
-    hints read only the prefix: still score-first), chunk TTT and global phases untilted (rows not stream windows)."""
+    them; scope doc counts only p's document.  The tilt changes only the scored NLL: every TTT trains untilted (#2135)."""
     if not hp.ngram_tilt:
         return None
-    t0, t, W = time.perf_counter(), tokens.to(rt.device), hp.ngram_order - 1
+    t0, t, W = time.perf_counter(), tokens.to(rt.device), NGRAM_ORDER - 1
     pos, bos = torch.arange(len(t) - 1, device=t.device), t[:-1] == BOS_ID
     word = torch.randint(2**63 - 1, (hp.vocab_size,), generator=torch.Generator().manual_seed(0)).to(t.device)[t[:-1]]
     key = bos.cumsum(0) * (hp.ngram_tilt == "doc")  # scope doc: the document's index keys its contexts apart
@@ -1472,30 +1431,97 @@ def ngram_tilt(tokens, hp, rt):
     count = torch.empty_like(p).index_copy_(0, by_pair, i - torch.searchsorted(pairs, pairs) + 1)  # (context, y) so far
     top = torch.where(seen > 0, ((group + count).cummax(0).values - group).roll(1), 0)  # the top count before it
     leader = torch.where(count > top, i, 0).cummax(0).values  # the occurrence that made the top token
-    gated = top.double() / seen >= hp.ngram_threshold  # 0 / 0 (a context not seen before) never passes
+    gated = top.double() / seen >= NGRAM_THRESHOLD  # 0 / 0 (a context not seen before) never passes
     hints, boosts = torch.zeros_like(pos), torch.zeros(len(pos), device=t.device)
-    hints[p[gated]], boosts[p[gated]] = y[leader.roll(1)[gated]], hp.ngram_boost
-    rt.log(f"ngram:tilt scope:{hp.ngram_tilt} order:{hp.ngram_order} gated:{float(gated.sum()) / len(pos):.4f} "
+    hints[p[gated]], boosts[p[gated]] = y[leader.roll(1)[gated]], NGRAM_BOOST
+    rt.log(f"ngram:tilt scope:{hp.ngram_tilt} order:{NGRAM_ORDER} gated:{float(gated.sum()) / len(pos):.4f} "
            f"build:{time.perf_counter() - t0:.1f}s")
     return hints, boosts
 
 
-def batch_tilt(luts, windows, rows, length, device):
-    """The tilt (luts[4], from ngram_tilt) at a padded batch's predictions: window start + column; or None."""
-    if len(luts) < 5 or luts[4] is None:
+def batch_tilt(tables, windows, rows, length, device):
+    """The tilt (from ngram_tilt) at a padded batch's predictions: window start + column; or None."""
+    if tables.tilt is None:
         return None
     at = torch.tensor([w[0] for w in windows] + [0] * (rows - len(windows)), device=device)[:, None]
-    return tuple(a[(at + torch.arange(length, device=device)).clamp(max=len(a) - 1)] for a in luts[4])
+    return tuple(a[(at + torch.arange(length, device=device)).clamp(max=len(a) - 1)] for a in tables.tilt)
+
+
+def new_totals(device):
+    """Float64 sums of (NLL in nats, predictions scored, their bytes): added to by add_scores, summed over ranks
+    by all_sum, read by loss_and_bpb."""
+    return torch.zeros(3, dtype=torch.float64, device=device)
+
+
+def add_scores(totals, nll, x, y, mask, windows, tables):
+    """Adds the masked predictions' NLL, count and bytes to the totals (new_totals)."""
+    nbytes = scored_bytes(tables, x, y, windows).double()
+    totals += torch.stack([(nll * mask).sum(), mask.sum().double(), (nbytes * mask).sum()])
+
+
+@torch.no_grad()
+def score_windows(model, tokens, windows, hp, rt, tables):
+    """Sums (NLL nats, scored tokens, bytes) in float64 over the given windows on this rank, in batches of
+    EVAL_BATCH_SEQS x EVAL_SEQ_LEN."""
+    totals = new_totals(rt.device)
+    for i in range(0, len(windows), hp.eval_batch_seqs):
+        batch = windows[i:i + hp.eval_batch_seqs]
+        x, y, segments, mask = padded_batch(tokens, batch, hp.eval_batch_seqs, hp.eval_seq_len, hp, rt.device)
+        with rt.autocast():
+            tilt = batch_tilt(tables, batch, hp.eval_batch_seqs, hp.eval_seq_len, rt.device)
+            nll = model(x, y, reduction="none", segments=segments, tilt=tilt)
+        nll = (nll if tilt is None else nll[0]).view(mask.shape).double()
+        add_scores(totals, nll, x, y, mask, batch, tables)
+    return totals
+
+
+def all_sum(rt, t):
+    if rt.world_size > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def loss_and_bpb(totals):
+    nll, n, nbytes = totals.tolist()
+    return nll / n, nll / math.log(2) / nbytes
+
+
+def eval_sliding(model, tokens, hp, rt, tables, stride=None):
+    was_training = model.training
+    model.eval()
+    windows = make_windows(0, len(tokens) - 1, hp.eval_seq_len, stride or hp.eval_stride)
+    per_rank = math.ceil(len(windows) / rt.world_size)
+    mine = windows[rt.rank * per_rank:(rt.rank + 1) * per_rank]
+    totals = all_sum(rt, score_windows(model, tokens, mine, hp, rt, tables))
+    model.train(was_training)
+    return loss_and_bpb(totals)
+
+
+def eval_full(model, tokens, hp, rt, tables):
+    """The baseline's eval: non-overlapping EVAL_SEQ_LEN sequences (a tail shorter than one is not scored)."""
+    n = (len(tokens) - 1) // hp.eval_seq_len * hp.eval_seq_len
+    return eval_sliding(model, tokens[:n + 1], hp, rt, tables, stride=hp.eval_seq_len)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Quantization and packing: Hessian GPTQ with SDClip scales sized to fit, LQER, AWQ-lite, pruning, brotli
+# Quantization and packing: Hessian GPTQ with SDClip scales sized to fit, LQER, AWQ-lite, brotli
 # ----------------------------------------------------------------------------------------------------
 
 BANKS = ("qo", "kv", "mlp_up", "mlp_down")
 ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGQ1", 1
 KIND_FP16, KIND_INT = 0, 1
 PASSTHROUGH_NUMEL = 65536  # tensors this small stay fp16
+
+
+class Entry(NamedTuple):
+    """A tensor of the artifact: KIND_INT codes (int8 storage, `bits` wide) with an fp16 scale per row in `values`,
+    or KIND_FP16 `values` themselves (codes None)."""
+    name: str
+    kind: int
+    bits: int
+    shape: tuple
+    codes: Optional[torch.Tensor]
+    values: torch.Tensor
 
 
 def bank_matrices(num_layers):
@@ -1513,13 +1539,14 @@ def collect_hessians(model, hp, rt, budget_ms=float("inf")):
     """H = X^T X of every quantized matrix's input, over GPTQ_CALIB_BATCHES training micro-batches per rank (never
     validation data), summed over ranks and averaged over tokens.  Hooks on the real model's BankLinears.  Stops
     early, on rank 0's clock, before a batch would end past budget_ms (what is left of the training cap)."""
-    hessians, handles = {}, []
+    hessians, rows, handles = {}, {}, []
 
     def hook(key):
         def accumulate(module, inputs, output):
             x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
             with torch.autocast(x.device.type, enabled=False):  # X^T X in fp32 even inside bf16 autocast
                 hessians[key] = hessians.get(key, 0) + x.T @ x
+            rows[key] = rows.get(key, 0) + x.size(0)  # a looped layer's matrix sees every pass: its mean per row
         return accumulate
 
     for i, block in enumerate(model.blocks):
@@ -1532,33 +1559,31 @@ def collect_hessians(model, hp, rt, budget_ms=float("inf")):
     model.eval()
     t0, done = time.perf_counter(), 0
     while done < hp.gptq_calib_batches:
-        x, y, docs = loader.next_batch(accum)
+        x, y, segments = loader.next_batch(accum)
         with rt.autocast():
-            model(x, y, docs=docs)
+            model(x, y, segments=segments)
         done += 1
-        elapsed = shared_elapsed_ms(rt, 0.0, t0)
+        elapsed = shared_clock(rt, 0.0, t0)[0]
         if elapsed * (done + 1) / done > budget_ms and done < hp.gptq_calib_batches:
             rt.log(f"gptq:hessians stopped at the training cap after {done}/{hp.gptq_calib_batches} batches")
             break
     model.train(was_training)
     for h in handles:
         h.remove()
-    tokens = done * hp.train_batch_tokens // accum
-    return {k: all_sum(rt, h) / tokens for k, h in sorted(hessians.items())}
+    return {k: all_sum(rt, h) / (rows[k] * rt.world_size) for k, h in sorted(hessians.items())}
 
 
 def qmax_of(bits):
     return 2 ** (bits - 1) - 1
 
 
-def row_scales(W, bits, col_weight):
-    """Per-row symmetric scale, clipped where that lowers the column-weighted rounding error."""
+def row_scales(W, bits):
+    """Per-row symmetric scale, clipped where that lowers the rounding error (the int8 tables)."""
     qmax, absmax = qmax_of(bits), W.abs().amax(dim=1).clamp_min(1e-8)
     best_scale, best_err = None, None
     for ratio in (1.0, 0.999, 0.995, 0.99, 0.98, 0.96, 0.93, 0.9):
         scale = absmax * ratio / qmax
-        q = (W / scale[:, None]).round().clamp(-qmax, qmax)
-        err = ((W - q * scale[:, None]).square() * col_weight).sum(dim=1)
+        err = (W - (W / scale[:, None]).round().clamp(-qmax, qmax) * scale[:, None]).square().sum(dim=1)
         if best_err is None:
             best_scale, best_err = scale, err
         else:
@@ -1578,20 +1603,24 @@ def awq_step(scale, bits):
     return (scale * qmax_of(bits) / qmax_of(8)).half().float()
 
 
-def quantize_rtn(W, bits, col_weight=None, sigmas=0.0, hi=None):
-    """Round to nearest; the columns `hi` (AWQ-lite) at int8 with the step awq_step."""
-    col_weight = torch.ones(W.size(1), device=W.device) if col_weight is None else col_weight
-    scale = sd_scales(W, bits, sigmas) if sigmas else row_scales(W, bits, col_weight)
+def quantize_rtn(W, bits, sigmas=0.0, hi=None):
+    """Round to nearest with SDClip scales (row_scales without sigmas); the columns `hi` (AWQ-lite) at int8 with the
+    step awq_step.  Returns (codes, scales)."""
+    scale = sd_scales(W, bits, sigmas) if sigmas else row_scales(W, bits)
     q = (W / scale[:, None]).round().clamp(-qmax_of(bits), qmax_of(bits))
     if hi is not None:
         q[:, hi] = (W[:, hi] / awq_step(scale, bits)[:, None]).round().clamp(-qmax_of(8), qmax_of(8))
     return q.to(torch.int8), scale
 
 
-def gptq_quantize(W, H, bits, block_size, damp, sigmas, hi=None):
+GPTQ_BLOCK_SIZE, GPTQ_DAMP = 128, 0.01  # columns per lazy-update block; diagonal damping relative to its mean
+
+
+def gptq_quantize(W, H, bits, sigmas, hi=None):
     """GPTQ: quantize columns in descending Hessian-diagonal order, pushing each column's error onto the
     columns not yet quantized through the Cholesky factor of H^-1.  SDClip scales; the columns `hi` (AWQ-lite)
-    at int8 with the step awq_step, in the same solve.  Returns None if H is not positive definite."""
+    at int8 with the step awq_step, in the same solve.  Returns (codes, scales), or None if H is not positive
+    definite."""
     W, H = W.float().clone(), H.float().clone()
     n, qmax = W.size(1), qmax_of(bits)
     dead = H.diagonal() == 0
@@ -1602,14 +1631,14 @@ def gptq_quantize(W, H, bits, block_size, damp, sigmas, hi=None):
     protected, fine = set() if hi is None else set(hi.tolist()), (awq_step(scale, bits), qmax_of(8))
     steps = [fine if c in protected else (scale, qmax) for c in perm.tolist()]
     W, H = W[:, perm], H[perm][:, perm]
-    H.diagonal().add_(damp * H.diagonal().mean())
+    H.diagonal().add_(GPTQ_DAMP * H.diagonal().mean())
     try:
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except RuntimeError:
         return None
     Q = torch.zeros_like(W)
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
+    for i1 in range(0, n, GPTQ_BLOCK_SIZE):
+        i2 = min(i1 + GPTQ_BLOCK_SIZE, n)
         W1, U1, err = W[:, i1:i2].clone(), U[i1:i2, i1:i2], torch.zeros(W.size(0), i2 - i1, device=W.device)
         for j in range(i2 - i1):
             step, top = steps[i1 + j]
@@ -1637,21 +1666,22 @@ def unshuffle_bytes(b, n):
 
 
 def serialize(entries):
-    """entries: [(name, kind, bits, shape, codes int8 | None, values fp16)].  Self-describing: magic, version,
-    tensor table, payload, CRC32."""
+    """Entries to bytes, self-describing: magic, version, tensor table, payload, CRC32."""
     out = [ARTIFACT_MAGIC, struct.pack("<BI", ARTIFACT_VERSION, len(entries))]
-    for name, kind, bits, shape, _, _ in entries:
-        raw = name.encode()
-        out.append(struct.pack(f"<H{len(raw)}sBBB{len(shape)}I", len(raw), raw, kind, bits, len(shape), *shape))
-    for _, kind, _, _, codes, values in entries:
-        if kind == KIND_INT:
-            out.append(codes.cpu().numpy().astype(np.int8).tobytes())
-        out.append(shuffle_bytes(values.cpu().float().numpy()))
+    for e in entries:
+        raw = e.name.encode()
+        out.append(struct.pack(f"<H{len(raw)}sBBB{len(e.shape)}I", len(raw), raw, e.kind, e.bits, len(e.shape),
+                               *e.shape))
+    for e in entries:
+        if e.kind == KIND_INT:
+            out.append(e.codes.cpu().numpy().astype(np.int8).tobytes())
+        out.append(shuffle_bytes(e.values.cpu().float().numpy()))
     body = b"".join(out)
     return body + struct.pack("<I", zlib.crc32(body))
 
 
 def deserialize(blob):
+    """{name: float tensor} of serialize's bytes: codes times their row's scale, or the fp16 values."""
     def fail(why):
         raise ValueError(f"artifact is corrupt or not ours: {why}")
 
@@ -1693,30 +1723,23 @@ def deserialize(blob):
 
 
 def compress_bytes(raw, fast=False):
-    """brotli quality 11 (or a fast proxy for size search); lzma when brotli is not installed."""
-    if brotli is not None:
-        return b"B" + brotli.compress(raw, quality=4 if fast else 11, lgwin=24)
-    return b"L" + lzma.compress(raw, preset=1 if fast else 9 | lzma.PRESET_EXTREME)
+    """brotli quality 11, or a fast proxy for size search."""
+    return brotli.compress(raw, quality=4 if fast else 11, lgwin=24)
 
 
 def decompress_bytes(data):
     try:
-        if data[:1] == b"B":
-            if brotli is None:
-                raise ConfigError("artifact is brotli-compressed but brotli is not installed: pip install brotli")
-            return brotli.decompress(data[1:])
-        if data[:1] == b"L":
-            return lzma.decompress(data[1:])
-    except (brotli.error if brotli else lzma.LZMAError, lzma.LZMAError) as e:
+        return brotli.decompress(data)
+    except brotli.error as e:
         raise ValueError(f"artifact is corrupt or truncated: {e}") from None
-    raise ValueError("artifact is corrupt or not ours: unknown compressor tag")
 
 
 def load_artifact(data, hp, device):
     """Builds a fresh model from artifact bytes, as a grader would."""
     flat = deserialize(decompress_bytes(data))
     for name in [n for n in flat if ".awq" in n]:  # AWQ-lite: each int8 group back into its columns
-        base, start, group = *name.rsplit(".awq", 1), flat.pop(name)
+        base, start = name.rsplit(".awq", 1)
+        group = flat.pop(name)
         flat[base][:, int(start):int(start) + group.size(1)] = group
     for base in [n[:-len(".lqA")] for n in flat if n.endswith(".lqA")]:  # LQER: add the low-rank correction back
         rows, cols = flat[base].shape
@@ -1731,63 +1754,84 @@ def load_artifact(data, hp, device):
     return model
 
 
+class Target(NamedTuple):
+    """A matrix that GPTQ quantizes: its entry name, weight, Hessian key, SDClip group (attn, mlp or embed), bits
+    and AWQ-lite's protected input columns (or None)."""
+    name: str
+    weight: torch.Tensor
+    hessian: str
+    group: str
+    bits: int
+    awq: Optional[torch.Tensor] = None
+
+
 def quant_targets(state, hessians, hp):
-    """(entry name, weight, Hessian key, group, bits, AWQ-lite columns or None) of every GPTQ'd matrix: the bank
-    matrices at MATRIX_BITS, and the tied embedding (with the output head's Hessian) at EMBED_BITS when set."""
-    out = [(f"{bank}#{idx}", state[bank][idx], key, group, hp.matrix_bits)
+    """Every GPTQ'd matrix: the bank matrices at MATRIX_BITS, and the tied embedding (with the output head's
+    Hessian) at EMBED_BITS when set; AWQ-lite's columns chosen over all of them."""
+    out = [Target(f"{bank}#{idx}", state[bank][idx], key, group.split(".")[0], hp.matrix_bits)
            for bank, idx, key, group in bank_matrices(hp.num_layers)]
     if hp.embed_bits:
-        out.append(("tok_emb.weight", state["tok_emb.weight"], "head_in", "embed", hp.embed_bits))
-    return [t + (cols,) for t, cols in zip(out, awq_columns(out, hessians, hp))]
+        out.append(Target("tok_emb.weight", state["tok_emb.weight"], "head_in", "embed", hp.embed_bits))
+    return [t._replace(awq=cols) for t, cols in zip(out, awq_columns(out, hessians, hp))]
+
+
+AWQ_GROUP_SIZE = 64  # consecutive input columns per AWQ-lite group
 
 
 def awq_columns(targets, hessians, hp):
     """AWQ-lite (#1908): the AWQ_GROUPS most salient groups of AWQ_GROUP_SIZE consecutive input columns over all
     matrices below int8.  A column's saliency is its input's RMS (the root of the Hessian's diagonal) times its mean
     |W|, summed over the group and compared across matrices as is.  Each target's protected columns, or None."""
-    size, scored = hp.awq_group_size, []
-    for i, (_, W, key, _, bits) in enumerate(targets):
-        if bits < 8 and hp.awq_groups:
-            saliency = hessians[key].diagonal().clamp_min(0).sqrt().to(W.device) * W.abs().mean(dim=0)
-            groups = saliency[:W.size(1) // size * size].view(-1, size).sum(dim=1).tolist()
-            scored += [(score, i, g * size) for g, score in enumerate(groups)]
+    scored = []
+    for i, t in enumerate(targets):
+        if t.bits < 8 and hp.awq_groups:
+            saliency = hessians[t.hessian].diagonal().clamp_min(0).sqrt().to(t.weight.device) * t.weight.abs().mean(0)
+            groups = saliency[:t.weight.size(1) // AWQ_GROUP_SIZE * AWQ_GROUP_SIZE].view(-1, AWQ_GROUP_SIZE).sum(1)
+            scored += [(score, i, g * AWQ_GROUP_SIZE) for g, score in enumerate(groups.tolist())]
     columns = [None] * len(targets)
     for _, i, start in sorted(scored, reverse=True)[:hp.awq_groups]:
-        group = torch.arange(start, start + size, device=targets[i][1].device)
+        group = torch.arange(start, start + AWQ_GROUP_SIZE, device=targets[i].weight.device)
         columns[i] = group if columns[i] is None else torch.cat([columns[i], group])
     return columns
 
 
-def awq_split(entry, cols, size):
+def awq_split(entry, cols):
     """[the matrix's entry with its AWQ-lite columns' codes zeroed, then each group's int8 codes as NAME.awqFIRST]."""
     if cols is None:
         return [entry]
-    name, kind, bits, shape, q, scale = entry
-    groups = [(f"{name}.awq{a}", KIND_INT, 8, (shape[0], size), q[:, a:a + size].clone(), awq_step(scale, bits))
-              for a in cols[::size].tolist()]
-    return [(name, kind, bits, shape, q.index_fill(1, cols, 0), scale)] + groups
+    groups = [Entry(f"{entry.name}.awq{a}", KIND_INT, 8, (entry.shape[0], AWQ_GROUP_SIZE),
+                    entry.codes[:, a:a + AWQ_GROUP_SIZE].clone(), awq_step(entry.values, entry.bits))
+              for a in cols[::AWQ_GROUP_SIZE].tolist()]
+    return [entry._replace(codes=entry.codes.index_fill(1, cols, 0))] + groups
+
+
+def quantized_entries(t, result):
+    """A target's artifact entries from its (codes, scales): the matrix, then its AWQ-lite groups."""
+    return awq_split(Entry(t.name, KIND_INT, t.bits, tuple(t.weight.shape), *result), t.awq)
+
+
+CLIP_SIGMAS = {"attn": 13.0, "mlp": 11.5, "embed": 14.0}  # SDClip's k by matrix type, all times one fitted factor
 
 
 def sdclip_plan(targets, others, hessians, hp, budget, rt):
     """SDClip sizing: k by matrix type, every k times one factor, bisected on the codes' entropy so that the size
-    lands on the budget: the finest codes that fit, pruning stays the last resort.  The estimate is calibrated once
+    lands on the budget: the finest codes that fit.  The estimate is calibrated once
     against the real compressor (the whole artifact with rounded codes at the first guess: one full-quality pass)
-    and against GPTQ, whose codes spread wider than rounding's (GPTQ on every 16th row: rows are independent)."""
-    base = [{"attn": hp.clip_sigmas_attn, "mlp": hp.clip_sigmas_mlp, "embed": hp.clip_sigmas_embed}[g.split(".")[0]]
-            for _, _, _, g, _, _ in targets]
+    and against GPTQ, whose codes spread wider than rounding's (GPTQ on every 16th row: rows are independent).
+    Returns each target's sigmas."""
+    base = [CLIP_SIGMAS[t.group] for t in targets]
 
     def coded(factor, rows=slice(None), gptq=False):
         out = []
-        for (name, W, key, _, b, cols), k in zip(targets, base):
-            W = W[rows]
-            H = hessians[key].to(W.device)
-            result = gptq and gptq_quantize(W, H, b, hp.gptq_block_size, hp.gptq_damp, k * factor, cols)
-            result = result or quantize_rtn(W, b, sigmas=factor * k, hi=cols)
-            out += awq_split((name, KIND_INT, b, tuple(W.shape), *result), cols, hp.awq_group_size)
+        for t, k in zip(targets, base):
+            t = t._replace(weight=t.weight[rows])
+            H = hessians[t.hessian].to(t.weight.device)
+            result = gptq and gptq_quantize(t.weight, H, t.bits, k * factor, t.awq)
+            out += quantized_entries(t, result or quantize_rtn(t.weight, t.bits, factor * k, t.awq))
         return out
 
     def entropy(entries):
-        return sum(code_entropy_bytes(e[4], e[2]) for e in entries)
+        return sum(code_entropy_bytes(e.codes, e.bits) for e in entries)
 
     bounds = (0.25, 4.0)  # the factors searched: the finest and the coarsest codes allowed
 
@@ -1805,29 +1849,32 @@ def sdclip_plan(targets, others, hessians, hp, budget, rt):
     sample = slice(None, None, 16)
     spread = entropy(coded(factor, sample, gptq=True)) / entropy(coded(factor, sample))
     factor, at_bound = factor_for((budget / compressor - others_bytes) / spread)
-    if at_bound:  # the estimate at the factor used, in bytes of the whole artifact
-        estimate = compressor * (others_bytes + spread * entropy(coded(factor)))
-        coarsest = factor == bounds[1]
-        rt.log(f"quant:warning sdclip factor:{factor:.3f} bound:{bounds[coarsest]} estimate:{estimate:.0f} "
-               f"budget:{budget:.0f} " + ("even the coarsest codes exceed the budget; pruning makes up the rest "
-                                          "(set EMBED_BITS or lower MATRIX_BITS)" if coarsest else
-                                          "the finest codes allowed leave the budget unused (raise MATRIX_BITS)"))
+    if at_bound:
+        estimate = compressor * (others_bytes + spread * entropy(coded(factor)))  # bytes of the whole artifact
+        if factor == bounds[1]:
+            raise ConfigError(f"the model does not fit: {estimate:.0f} bytes at the coarsest SDClip codes > "
+                              f"{budget:.0f}; lower MATRIX_BITS, set EMBED_BITS or raise TARGET_BYTES")
+        rt.log(f"quant:warning sdclip factor:{factor:.3f} estimate:{estimate:.0f} budget:{budget:.0f}: the finest "
+               f"codes allowed leave the budget unused (raise MATRIX_BITS)")
     rt.log(f"quant:sdclip factor:{factor:.3f} calibration:{compressor:.4f} gptq_spread:{spread:.4f} "
            f"budget:{budget:.0f} bits:{hp.matrix_bits} embed_bits:{hp.embed_bits}")
     return [factor * k for k in base]
 
 
+LQER_TOP_K = 3  # LQER corrects the 3 worst tensors (#1855's and #2014's)
+LQER_GROUP = 64  # B's int4 codes share an fp16 scale per 64
+
+
 def lqer_reserve(targets, hp):
     """Bytes kept free for LQER's factors: for the LQER_TOP_K largest matrices, rank x (rows + cols) codes at <= 4
-    bits and an fp16 scale per row or per 32 codes (an upper bound: the worst tensors are known only after
-    quantization)."""
-    sizes = sorted((sum(W.shape) for _, W, *_ in targets), reverse=True)[:hp.lqer_top_k]
-    return sum(hp.lqer_rank * (n // 2 + n // 16 + 4) for n in sizes) if hp.lqer_rank else 0
+    bits and an fp16 scale per LQER_GROUP codes (an upper bound: the worst tensors are known only after quantization)."""
+    sizes = sorted((sum(t.weight.shape) for t in targets), reverse=True)[:LQER_TOP_K]
+    return sum(hp.lqer_rank * (n // 2 + 2 * n // LQER_GROUP + 4) for n in sizes) if hp.lqer_rank else 0
 
 
 def quantize_groups(t, bits, group):
     """Round to the full two's-complement range [-2^(b-1), 2^(b-1) - 1] with one fp16 scale, max|t| / (2^(b-1) -
-    1/2), per `group` consecutive values (LQER_ASYM_GROUP's factors)."""
+    1/2), per `group` consecutive values (LQER's factors)."""
     t = t.reshape(-1, group)
     scale = (t.abs().amax(dim=1) / (2 ** (bits - 1) - 0.5)).clamp_min(1e-7).half().float()
     return (t / scale[:, None]).round().clamp(-2 ** (bits - 1), qmax_of(bits)).to(torch.int8), scale
@@ -1835,140 +1882,72 @@ def quantize_groups(t, bits, group):
 
 def lqer_entries(targets, dequantized, hp):
     """LQER: for the LQER_TOP_K tensors with the largest ||W - W_hat||_F, a rank-LQER_RANK SVD of the error,
-    E ~ A B, stored as A^T at int3 and B at int4 with per-row scales, or with LQER_ASYM_GROUP as the record stores
-    them: A at int2 with one scale, B at int4 with a scale per group.  load_artifact adds A B back."""
-    errors = [W - W_hat for (_, W, *_), W_hat in zip(targets, dequantized)]
+    E ~ A B, stored as the record stores it: A^T at int2 with one scale, B at int4 with a scale per LQER_GROUP
+    codes.  load_artifact adds A B back."""
+    errors = [t.weight - W_hat for t, W_hat in zip(targets, dequantized)]
     out = []
-    for i in sorted(range(len(errors)), key=lambda i: -float(errors[i].norm()))[:hp.lqer_top_k]:
+    for i in sorted(range(len(errors)), key=lambda i: -float(errors[i].norm()))[:LQER_TOP_K]:
         U, S, Vh = torch.linalg.svd(errors[i], full_matrices=False)
         r = min(hp.lqer_rank, S.numel())
-        group = hp.lqer_asym_group
-        for suffix, factor, bits in ((".lqA", (U[:, :r] * S[:r]).T, 2 if group else 3), (".lqB", Vh[:r], 4)):
-            factor = factor.contiguous()  # asymmetric: one scale for all of A; B's per group (a divisor of its size)
-            per = factor.numel() if suffix == ".lqA" else math.gcd(group, factor.numel())
-            q, scale = quantize_groups(factor, bits, per) if group else quantize_rtn(factor, bits)
-            out.append((targets[i][0] + suffix, KIND_INT, bits, tuple(q.shape), q, scale))
+        A, B = (U[:, :r] * S[:r]).T.contiguous(), Vh[:r].contiguous()
+        for suffix, factor, bits, group in ((".lqA", A, 2, A.numel()), (".lqB", B, 4, math.gcd(LQER_GROUP, B.numel()))):
+            q, scale = quantize_groups(factor, bits, group)
+            out.append(Entry(targets[i].name + suffix, KIND_INT, bits, tuple(q.shape), q, scale))
     return out
 
 
+def gptq_all(targets, sigmas, entries, hessians, hp, rt):
+    """Every artifact entry: LQER's factors, AWQ-lite's groups, the other `entries`, then the GPTQ'd matrices."""
+    fallbacks, matrices, groups, dequantized = 0, [], [], []
+    for t, k in zip(targets, sigmas):
+        result = gptq_quantize(t.weight, hessians[t.hessian].to(t.weight.device), t.bits, k, t.awq)
+        if result is None:
+            fallbacks += 1
+            result = quantize_rtn(t.weight, t.bits, k, t.awq)
+        q, s = result
+        W_hat = q.float() * s[:, None]
+        if t.awq is not None:
+            W_hat[:, t.awq] = q[:, t.awq].float() * awq_step(s, t.bits)[:, None]
+        dequantized.append(W_hat)
+        matrix, *awq = quantized_entries(t, result)
+        matrices.append(matrix)
+        groups += awq
+    if fallbacks:
+        rt.log(f"gptq:cholesky_failed matrices:{fallbacks} (fell back to rounding)")
+    lqer = lqer_entries(targets, dequantized, hp) if hp.lqer_rank else []
+    return lqer + groups + entries + matrices
+
+
+SIZING_TRIES = 3
+
+
 def quantize_model(model, hessians, hp, rt, code_bytes):
-    """Returns compressed artifact bytes that fit TARGET_BYTES - code_bytes."""
+    """Compressed artifact bytes that fit TARGET_BYTES - code_bytes: the SDClip scales are sized to the budget, the
+    artifact measured with the real compressor; a miss shrinks the aim by the measured ratio and sizes again."""
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     targets = quant_targets(state, hessians, hp)
-    entries, done = [], set(BANKS) | {name for name, *_ in targets}
+    entries, done = [], set(BANKS) | {t.name for t in targets}
     for name, t in state.items():
         if name in done:
             continue
         if t.numel() <= PASSTHROUGH_NUMEL or t.dim() != 2:
-            entries.append((name, KIND_FP16, 16, tuple(t.shape), None, t.half()))
+            entries.append(Entry(name, KIND_FP16, 16, tuple(t.shape), None, t.half()))
         else:
-            entries.append((name, KIND_INT, 8, tuple(t.shape), *quantize_rtn(t, 8)))
+            entries.append(Entry(name, KIND_INT, 8, tuple(t.shape), *quantize_rtn(t, 8)))
     if hp.awq_groups:
-        rt.log("quant:awq " + " ".join(f"{name}:{cols[::hp.awq_group_size].tolist()}"
-                                       for name, *_, cols in targets if cols is not None))
-    budget, limit = hp.target_bytes - code_bytes - lqer_reserve(targets, hp), hp.target_bytes - code_bytes
-    # SDClip's estimate is good to ~0.1%: aim 0.2% under, so that nothing needs pruning
-    sigmas = sdclip_plan(targets, entries, hessians, hp, 0.998 * budget, rt)
-    args = gptq_all(targets, sigmas, entries, hessians, hp, rt)
-    blob = prune_to_fit(*args, hp, rt, limit, prune=False)
-    if blob is not None:
-        return blob
-    # a miss: shrink the aim by the size actually measured, GPTQ once more; pruning is the last resort
-    shrink = limit / len(compress_bytes(serialize(args[0])))
-    rt.log(f"quant:sdclip missed the budget by {1 / shrink - 1:.2%}; sizing again")
-    sigmas = sdclip_plan(targets, entries, hessians, hp, 0.998 * budget * shrink, rt)
-    return prune_to_fit(*gptq_all(targets, sigmas, entries, hessians, hp, rt), hp, rt, limit)
-
-
-def gptq_all(targets, sigmas, entries, hessians, hp, rt):
-    """(every artifact entry, pruning cost of each GPTQ'd matrix's codes), LQER's factors and AWQ-lite's groups
-    included; the matrices come last, in the order of their costs."""
-    fallbacks, costs, matrices, groups, dequantized = 0, [], [], [], []
-    for (name, W, key, _, b, cols), k in zip(targets, sigmas):
-        H = hessians[key].to(W.device)
-        result = gptq_quantize(W, H, b, hp.gptq_block_size, hp.gptq_damp, k, cols)
-        if result is None:
-            fallbacks += 1
-            result = quantize_rtn(W, b, H.diagonal(), k, cols)
-        q, s = result
-        W_hat = q.float() * s[:, None]
-        if cols is not None:
-            W_hat[:, cols] = q[:, cols].float() * awq_step(s, b)[:, None]
-        dequantized.append(W_hat)
-        matrix, *awq = awq_split((name, KIND_INT, b, tuple(W.shape), q, s), cols, hp.awq_group_size)
-        q = matrix[4]  # what pruning may touch: the matrix's own codes, its AWQ-lite columns zero
-        matrices.append(matrix)
-        groups += awq
-        costs.append((q.abs() <= hp.prune_max_abs) * (q != 0) * (q.float() * s[:, None]).square() * H.diagonal())
-    if fallbacks:
-        rt.log(f"gptq:cholesky_failed matrices:{fallbacks} (fell back to rounding)")
-    lqer = lqer_entries(targets, dequantized, hp) if hp.lqer_rank else []
-    return lqer + groups + entries + matrices, costs
-
-
-def prune_to_fit(entries, costs, hp, rt, budget, prune=True):
-    """Selective pruning, the last resort: zero the fewest small codes (|q| <= PRUNE_MAX_ABS), cheapest added error
-    first, so that the artifact fits.  The count is binary-searched on a fast compressor calibrated against the real
-    one, aiming a little under the budget, so one or two full-quality passes usually suffice.  With prune=False:
-    None when the unpruned artifact does not fit."""
-    first = len(entries) - len(costs)
-    flat = torch.cat([c.flatten() for c in costs])
-    order = torch.argsort(torch.where(flat > 0, flat, torch.full_like(flat, float("inf"))))
-    order = order[: int((flat > 0).sum())]
-    originals = [e[4] for e in entries[first:]]
-
-    def build(k):
-        codes = torch.cat([o.flatten() for o in originals])  # a copy, indexed like `flat`
-        codes[order[:k]] = 0
-        for i, c in enumerate(codes.split([o.numel() for o in originals])):
-            entries[first + i] = (*entries[first + i][:4], c.view_as(originals[i]), entries[first + i][5])
-        return serialize(entries)
-
-    ratios = {}  # real/fast size ratio where measured: it drifts as pruning grows, so it is interpolated
-
-    def measure(k):
-        real = compress_bytes(build(k))
-        ratios[k] = len(real) / len(compress_bytes(build(k), fast=True))
-        return real
-
-    real = measure(0)
-    if not prune and len(real) > budget:
-        return None
-    over, fit = 0, ((0, real) if len(real) <= budget else None)  # over: most pruning known not to fit
-    aim = budget - max(budget // 1000, 1024)
-
-    def least_fitting(lo, hi, a, b):  # binary search on the proxy, the ratio linear through points a and b
-        slope = (b[1] - a[1]) / max(b[0] - a[0], 1)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if len(compress_bytes(build(mid), fast=True)) * (a[1] + slope * (mid - a[0])) <= aim:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
-
-    for _ in range(6):  # bracket the least pruning that fits, until a fit lands within 0.5% of the budget
-        if fit and (fit[0] - over <= 1 or len(fit[1]) >= budget - budget // 200):
-            break
-        lo, hi = min(over + 1, len(order)), fit[0] if fit else len(order)
-        k = least_fitting(lo, hi, (over, ratios[over]), (hi, ratios.get(hi, ratios[over])))
-        real = measure(k)
-        if len(real) <= budget:
-            fit = (k, real)
-        elif k == len(order):
-            break
-        else:
-            over = k
-    if fit is None and over < len(order):  # the proxy never bracketed a fit: try pruning every candidate
-        real = measure(len(order))
-        fit = (len(order), real) if len(real) <= budget else None
-    if fit is None:
-        raise ConfigError(f"artifact {len(real)} bytes exceeds the budget {budget} even after pruning every "
-                          f"candidate; lower MATRIX_BITS or EMBED_BITS, or the model size")
-    pruned, real = fit
-    rt.log(f"quant:pruning candidates:{len(order)} pruned:{pruned} bytes:{len(real)} budget:{budget} "
-           f"full_passes:{len(ratios)}")
-    return real
+        rt.log("quant:awq " + " ".join(f"{t.name}:{t.awq[::AWQ_GROUP_SIZE].tolist()}"
+                                       for t in targets if t.awq is not None))
+    limit = hp.target_bytes - code_bytes
+    aim = 0.998 * (limit - lqer_reserve(targets, hp))  # SDClip's estimate is good to ~0.1%: aim 0.2% under
+    for _ in range(SIZING_TRIES):
+        sigmas = sdclip_plan(targets, entries, hessians, hp, aim, rt)
+        blob = compress_bytes(serialize(gptq_all(targets, sigmas, entries, hessians, hp, rt)))
+        if len(blob) <= limit:
+            return blob
+        rt.log(f"quant:sdclip missed the budget by {len(blob) / limit - 1:.2%}; sizing again")
+        aim *= 0.998 * limit / len(blob)  # the miss as measured, and the same 0.2 % margin again
+    raise ConfigError(f"artifact {len(blob)} bytes > {limit} after {SIZING_TRIES} sizings; lower MATRIX_BITS or "
+                      f"EMBED_BITS, or raise TARGET_BYTES")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1976,32 +1955,30 @@ def prune_to_fit(entries, costs, hp, rt, budget, prune=True):
 # ----------------------------------------------------------------------------------------------------
 
 
+TTT_ENTROPY_BOUNDS = (1.75, 2.1)  # TTT_ENTROPY_ADAPT: 2 epochs below a chunk mean NLL of 1.75, 4 above 2.1, else 3
+
+
 def chunk_epochs(hp, chunk_nll):
     """Entropy-adaptive epochs: harder chunks (higher mean NLL) get more adaptation."""
     if not hp.ttt_entropy_adapt:
         return hp.ttt_epochs
-    return 2 if chunk_nll < hp.ttt_entropy_low else 4 if chunk_nll > hp.ttt_entropy_high else 3
+    low, high = TTT_ENTROPY_BOUNDS
+    return 2 if chunk_nll < low else 4 if chunk_nll > high else 3
 
 
-def build_ttt_optimizers(model, hp, world_size, optimizer, lr):
-    """muon: Turbo-Muon on the matrices (the training optimizer class) + SGD on the rest; sgd: SGD on all."""
-    frozen = {id(p) for block in model.blocks[:hp.ttt_freeze_blocks] for p in block.parameters()}
-    matrices = matrix_params(model) if optimizer == "muon" else []
-    rest = [p for p in model.parameters() if id(p) not in frozen and all(p is not m for m in matrices)]
+TTT_MOMENTUM, TTT_GRAD_CLIP = 0.9, 1.0
+TTT_BATCH_SEQS = 32  # sequences per TTT step, over all ranks
+
+
+def build_ttt_optimizers(model, world_size, lr, muon):
+    """The base weights' optimizer at test time: muon, Turbo-Muon on the matrices (the training optimizer class) and
+    SGD on the rest (LaCT, chunk TTT); else SGD on all (phased TTT's global phases)."""
+    matrices = matrix_params(model) if muon else []
+    rest = [p for p in model.parameters() if all(p is not m for m in matrices)]
     for p in model.parameters():
-        p.requires_grad_(id(p) not in frozen)
-    muon = Muon(matrices, lr, hp.ttt_momentum, 0.0, hp.muon_backend_steps, world_size)
-    sgd = torch.optim.SGD(rest, lr=lr, momentum=hp.ttt_momentum)
-    return Optimizers(muon, sgd, hp.ttt_grad_clip, world_size)
-
-
-def freeze_bank_rows(model, n):
-    """Frozen blocks' matrices live inside the shared banks (qo and kv hold two per layer): zero their gradient rows."""
-    first = list(range(n))
-    both = first + [len(model.blocks) + i for i in first]
-    for bank, rows in ((model.qo, both), (model.kv, both), (model.mlp_up, first), (model.mlp_down, first)):
-        if bank.grad is not None:
-            bank.grad[rows] = 0
+        p.requires_grad_(True)
+    sgd = torch.optim.SGD(rest, lr=lr, momentum=TTT_MOMENTUM)
+    return Optimizers(Muon(matrices, lr, TTT_MOMENTUM, 0.0, world_size), sgd, TTT_GRAD_CLIP, world_size)
 
 
 def adapt_on_chunk(model, opt, tokens, begin, end, epochs, lr_scale, hp, rt):
@@ -2009,18 +1986,16 @@ def adapt_on_chunk(model, opt, tokens, begin, end, epochs, lr_scale, hp, rt):
     batch has one fixed shape (a ragged tail is padded and masked), so a compiled model keeps one graph."""
     L = hp.eval_seq_len
     starts = list(range(begin, end, L))
-    per_batch = min(hp.ttt_batch_seqs, math.ceil(hp.ttt_chunk_tokens / L))
+    per_batch = min(TTT_BATCH_SEQS, math.ceil(hp.ttt_chunk_tokens / L))
     rows = math.ceil(per_batch / rt.world_size)
     for _ in range(epochs):
         for b in range(0, len(starts), per_batch):
             batch = [(s, min(s + L, end) - s, 0) for s in starts[b:b + per_batch]]
-            x, y, docs, mask = padded_batch(tokens, batch[rt.rank::rt.world_size], rows, L, hp, rt.device)
+            x, y, segments, mask = padded_batch(tokens, batch[rt.rank::rt.world_size], rows, L, hp, rt.device)
             with rt.autocast():
-                nll = model(x, y, reduction="none", docs=docs).float().view(mask.shape)
+                nll = model(x, y, reduction="none", segments=segments).float().view(mask.shape)
             # ranks average gradients, so scale each rank's sum to make the result the global mean
             ((nll * mask).sum() * rt.world_size / sum(n for _, n, _ in batch)).backward()
-            if hp.ttt_freeze_blocks:
-                freeze_bank_rows(model, hp.ttt_freeze_blocks)
             opt.step(lr_scale)
 
 
@@ -2038,27 +2013,24 @@ def over_budget(hp, rt, projected):
     return bool(stop.item())
 
 
-def eval_ttt(model, tokens, hp, rt, luts, eval_start, counts=None):
-    """TTT_MODE=chunk (phased: eval_ttt_phased).  Returns (val_loss, val_bpb, chunks_adapted, n_chunks).  Chunk k's
-    windows are scored without gradients before any update that uses them; the last chunk is never trained on;
-    every prediction is scored exactly once.  Adaptation stops (scoring goes on) when the projected eval time
-    would pass EVAL_BUDGET_SECONDS."""
-    if hp.ttt_mode == "phased":
-        return eval_ttt_phased(model, tokens, hp, rt, luts, eval_start, counts)
+def eval_ttt_chunks(model, tokens, hp, rt, tables, eval_start):
+    """TTT_MODE=chunk.  Returns (val_loss, val_bpb, chunks_adapted, n_chunks).  Chunk k's windows are scored without
+    gradients before any update that uses them; the last chunk is never trained on; every prediction is scored
+    exactly once.  Adaptation stops (scoring goes on) when the projected eval time would pass EVAL_BUDGET_SECONDS."""
     P, C = len(tokens) - 1, hp.ttt_chunk_tokens
     n_chunks = math.ceil(P / C)
-    opt = build_ttt_optimizers(model, hp, rt.world_size, hp.ttt_optimizer, hp.ttt_lr)
-    rt.log(f"ttt:start chunks:{n_chunks} chunk_tokens:{C} optimizer:{hp.ttt_optimizer} lr:{hp.ttt_lr} "
-           f"epochs:{hp.ttt_epochs} entropy_adapt:{hp.ttt_entropy_adapt} "
-           f"freeze_blocks:{hp.ttt_freeze_blocks}")
-    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    adapting, adapted, score_times, adapt_times = True, 0, [], []  # seconds per chunk; per adaptation epoch
+    opt = build_ttt_optimizers(model, rt.world_size, hp.ttt_lr, muon=True)
+    rt.log(f"ttt:start chunks:{n_chunks} chunk_tokens:{C} lr:{hp.ttt_lr} epochs:{hp.ttt_epochs} "
+           f"entropy_adapt:{hp.ttt_entropy_adapt}")
+    totals = new_totals(rt.device)
+    adapting, adapted = True, 0
+    score_times, adapt_times = [], []  # seconds per chunk; per adaptation epoch
     for k in range(n_chunks):
         begin, end = k * C, min((k + 1) * C, P)
         t0 = time.perf_counter()
         model.eval()
-        chunk = all_sum(rt, score_windows(model, tokens, make_windows(begin, end, hp.eval_seq_len, hp.eval_stride)
-                                          [rt.rank::rt.world_size], hp, rt, luts, counts))
+        windows = make_windows(begin, end, hp.eval_seq_len, hp.eval_stride)[rt.rank::rt.world_size]
+        chunk = all_sum(rt, score_windows(model, tokens, windows, hp, rt, tables))
         totals += chunk
         score_times.append(time.perf_counter() - t0)
         if k == n_chunks - 1 or not adapting:
@@ -2078,11 +2050,9 @@ def eval_ttt(model, tokens, hp, rt, luts, eval_start, counts=None):
         adapted += 1
         adapt_times.append((time.perf_counter() - t1) / max(epochs, 1))
         if k % 100 == 0:
-            loss, bpb = loss_and_bpb(totals)
+            _, bpb = loss_and_bpb(totals)
             rt.log(f"ttt_chunk [{k + 1}/{n_chunks}] running_bpb:{bpb:.6f} chunk_nll:{float(chunk[0] / chunk[1]):.3f} "
                    f"epochs:{epochs} time:{time.perf_counter() - eval_start:.1f}s")
-    for p in model.parameters():
-        p.requires_grad_(True)
     model.eval()
     return (*loss_and_bpb(totals), adapted, n_chunks)
 
@@ -2091,52 +2061,42 @@ def eval_ttt(model, tokens, hp, rt, luts, eval_start, counts=None):
 # Phased TTT: per-document LoRA adapters trained chunk by chunk after scoring, global phases on the base weights
 # ----------------------------------------------------------------------------------------------------
 
-LORA_ALPHA = 144.0  # the record's: an adapter adds (alpha / rank) B A x, 1.8 at rank 80
-ADAPTABLE = ("q", "k", "v", "o", "mlp")  # the record's LoRA targets in each virtual layer (and the LM head)
+LORA_RANK, LORA_ALPHA = 80, 144.0  # the record's: an adapter adds (alpha / rank) B A x, 1.8 at rank 80
 
 
 class LoRA(nn.Module):
-    """Per-document low-rank adapters on the record's targets: q, k, v, the attention output and an MLP bypass of
+    """Per-document low-rank adapters on TTT_LORA_TARGETS (of q, k, v, the attention output and an MLP bypass) of
     every virtual layer (each pass of a looped layer has its own), all read from the block's normed input, and the
     LM head.  Row b of a batch gets (alpha / rank) B[b] A[b] x, so each document has its own adapter; a batch of n
-    documents uses the first n rows.  A is drawn uniformly, independently per row, from `seed`; reset() zeroes B (a
-    fresh adapter is the base model) and, given a seed, draws A anew (else A stays warm: the record's default)."""
+    documents uses the first n rows.  A is drawn uniformly, independently per row, from `seed`, and stays warm: the
+    next batch's document in the same row starts from it; reset() zeroes B, so a fresh adapter is the base model."""
 
-    def __init__(self, model, docs, rank, seed):
+    def __init__(self, model, docs, seed):
         super().__init__()
         d, kv, device = model.hp.model_dim, model.kv.size(1), model.kv.device
         dims = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d)}
         n_virtual = sum(len(part) for part in layer_order(model.hp, model.looping))
         self.targets = model.hp.lora_targets()
         pairs = [dims[name] for _ in range(n_virtual) for name in self.targets] + [(d, model.hp.vocab_size)]
-        self.A = nn.ParameterList(torch.empty(docs, rank, n_in, device=device) for n_in, _ in pairs)
-        self.B = nn.ParameterList(torch.zeros(docs, n_out, rank, device=device) for _, n_out in pairs)
-        self.scale = LORA_ALPHA / rank
-        self.reset(seed)
+        generator = torch.Generator(device).manual_seed(seed)
+        self.A = nn.ParameterList((2 * torch.rand(docs, LORA_RANK, n_in, generator=generator, device=device) - 1) /
+                                  math.sqrt(n_in) for n_in, _ in pairs)
+        self.B = nn.ParameterList(torch.zeros(docs, n_out, LORA_RANK, device=device) for _, n_out in pairs)
+        self.scale = LORA_ALPHA / LORA_RANK
+        self.rows = torch.arange(docs, device=device)  # the adapters of the batch's rows (a tensor: no recompiles)
 
     @torch.no_grad()
-    def reset(self, seed=None):
+    def reset(self):
         for b in self.B:
             b.zero_()
-        generator = None if seed is None else torch.Generator(self.B[0].device).manual_seed(seed)
-        for a in [] if seed is None else self.A:
-            a.copy_((2 * torch.rand(a.shape, generator=generator, device=a.device) - 1) / math.sqrt(a.size(-1)))
 
     def pair(self, i, x):
-        n = x.size(0)
-        return self.scale * (x @ self.A[i][:n].mT.to(x.dtype)) @ self.B[i][:n].mT.to(x.dtype)
+        return self.scale * (x @ self.A[i][self.rows].mT.to(x.dtype)) @ self.B[i][self.rows].mT.to(x.dtype)
 
     def delta(self, v, name, x):
         if name not in self.targets:
             return 0
         return self.pair(v * len(self.targets) + self.targets.index(name), x)
-
-
-def lora_optimizer(lora, hp):
-    if hp.ttt_lora_optimizer == "muon":  # Muon sees each (document, pair) slice as a matrix of its own
-        return Muon(list(lora.parameters()), hp.ttt_lora_lr, hp.ttt_momentum, hp.ttt_lora_wd, hp.muon_backend_steps, 1)
-    return torch.optim.AdamW(lora.parameters(), lr=hp.ttt_lora_lr, betas=(0.0, 0.99), eps=1e-10,
-                             weight_decay=hp.ttt_lora_wd)
 
 
 def split_documents(tokens):
@@ -2147,10 +2107,14 @@ def split_documents(tokens):
     return list(zip(starts, starts[1:] + [P]))
 
 
+DOC_CHUNK = 48  # predictions per document chunk: scored, then one adapter step (the record's)
+
+
 def doc_chunk(docs, hp):
-    """Predictions per chunk of a document batch: TTT_DOC_CHUNK, or less for a batch of short documents (#2014)."""
-    longest = max(e - b for b, e in docs)
-    return min([c for n, c in hp.short_chunks().items() if longest <= n], default=hp.ttt_doc_chunk)
+    """Predictions per chunk of a document batch: DOC_CHUNK, or less for a batch of short documents: #2014 compares
+    the longest document's length, its predictions + 1 (its own BOS and the next one), with each limit."""
+    longest = max(e - b for b, e in docs) + 1
+    return min([c for n, c in hp.short_chunks().items() if longest <= n], default=min(DOC_CHUNK, hp.eval_seq_len))
 
 
 def doc_steps(docs, hp):
@@ -2165,43 +2129,52 @@ def doc_batch_cost(docs, hp):
     return sum(rows * length for rows, length in doc_steps(docs, hp))
 
 
-def score_doc_batch(model, lora, tokens, docs, hp, rt, luts, counts=None, seed=None):
-    """Float64 (NLL, predictions, bytes) of a batch of documents (begin, end), each with its own adapter row.  Step s
-    scores every document's chunk s (doc_chunk predictions, with the document's own earlier tokens as context,
-    up to EVAL_SEQ_LEN); then, from the same forward, one optimizer step trains each adapter on its document's chunk,
+def score_doc_batch(model, lora, tokens, docs, hp, rt, tables):
+    """Float64 totals of a batch of documents (begin, end), each with its own adapter row.  Step s scores every
+    document's chunk s (doc_chunk predictions, with the document's own earlier tokens as context, up to
+    EVAL_SEQ_LEN); then, from the same forward, one optimizer step trains each adapter on its document's chunk,
     except on the document's last.  A row holds one document, so attention is plain causal (no document mask).
-    The adapters start with B = 0 and A warm, or drawn from `seed` when TTT_LORA_WARM_A=0."""
+    The adapters start with B = 0 and A warm."""
     C, S = doc_chunk(docs, hp), hp.eval_seq_len
     docs = sorted(docs, key=lambda d: d[0] - d[1])  # longest first: the documents still running are the first rows
-    lora.reset(None if hp.ttt_lora_warm_a else seed)
-    opt = lora_optimizer(lora, hp)
-    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    lora.reset()
+    opt = torch.optim.AdamW(lora.parameters(), lr=hp.ttt_lora_lr, betas=(0.0, 0.99), eps=1e-10,
+                            weight_decay=hp.ttt_lora_wd)
+    totals = new_totals(rt.device)
     for s, (rows, length) in enumerate(doc_steps(docs, hp)):
         windows, last = [], []
         for b, e in docs[:rows]:
             lo, hi = b + s * C, min(b + (s + 1) * C, e)
             windows.append((max(b, hi - S), hi - max(b, hi - S), lo - max(b, hi - S)))
             last.append(hi == e)
-        x, y, _, mask = padded_batch(tokens, windows, rows, length, hp, rt.device, isolate=False)
-        with rt.autocast():
-            tilt = batch_tilt(luts, windows, rows, length, rt.device)
-            nll = model(x, y, reduction="none", tilt=tilt).float().view(mask.shape)
-        add_scores(totals, nll.detach().double(), x, y, mask, windows, luts, counts)
-        if not all(last):  # each document's mean over its chunk: its adapter's gradient is its own
-            train = mask & ~torch.tensor(last, device=rt.device)[:, None]
-            ((nll * train).sum(1) / train.sum(1).clamp_min(1)).sum().backward()
+        group = max(1, hp.ttt_step_tokens // length)  # rows per forward: activation memory bounded
+        for r in range(0, rows, group):
+            lora.rows = torch.arange(r, min(r + group, rows), device=rt.device)
+            part, ends = windows[r:r + group], torch.tensor(last[r:r + group], device=rt.device)
+            x, y, _, mask = padded_batch(tokens, part, len(part), length, hp, rt.device, isolate=False)
+            with rt.autocast():
+                tilt = batch_tilt(tables, part, len(part), length, rt.device)
+                nll = model(x, y, reduction="none", tilt=tilt).float().view(-1, *mask.shape)
+            add_scores(totals, nll[0].detach().double(), x, y, mask, part, tables)  # tilted when NGRAM_TILT is on
+            if not ends.all():  # each document's mean over its chunk, untilted: its adapter's gradient is its own
+                train = mask & ~ends[:, None]
+                ((nll[-1] * train).sum(1) / train.sum(1).clamp_min(1)).sum().backward()
+        if not all(last):  # one step for the whole batch, its gradients summed over the row groups
             opt.step()
             lora.zero_grad(set_to_none=True)
     return totals
 
 
+TTT_GLOBAL_LR = 1e-3  # the global phases' SGD (momentum TTT_MOMENTUM, clip TTT_GRAD_CLIP), cosine over a pass
+
+
 def global_phase(model, tokens, docs, hp, rt):
     """One pass of the base weights over already-scored documents, joined in stream order (so every prediction keeps
-    its real target), TTT_CHUNK_TOKENS at a time, with TTT_GLOBAL_OPTIMIZER at TTT_GLOBAL_LR under a cosine over the
-    pass; each chunk's sequences are shared over the ranks as in adapt_on_chunk."""
+    its real target), TTT_CHUNK_TOKENS at a time, with SGD at TTT_GLOBAL_LR under a cosine over the pass; each
+    chunk's sequences are shared over the ranks as in adapt_on_chunk."""
     docs = sorted(docs)
     stream = torch.cat([tokens[b:e] for b, e in docs] + [tokens[docs[-1][1]:docs[-1][1] + 1]])
-    opt = build_ttt_optimizers(model, hp, rt.world_size, hp.ttt_global_optimizer, hp.ttt_global_lr)
+    opt = build_ttt_optimizers(model, rt.world_size, TTT_GLOBAL_LR, muon=False)
     P, C = len(stream) - 1, hp.ttt_chunk_tokens
     model.train()
     for k in range(math.ceil(P / C)):
@@ -2222,16 +2195,21 @@ def deal(batches, costs, world_size):
     return dealt
 
 
+TTT_PREFIX_DOCS = 2500  # documents scored (longest batches first) by the last global phase (the record's)
+TTT_PAUSE_RANKS = 8  # a phase boundary falls where the record's work queue on 8 ranks pauses
+GUARD_POINTS = 4  # checkpoints of the budget guard in the queue after the last phase
+
+
 def phase_segments(queue, batches, costs, hp):
     """The queue cut into segments: one per global phase, then the rest in GUARD_POINTS parts of equal cost
     (checkpoints for the budget guard).  A phase segment ends as the record's pauses do: TTT_PAUSE_RANKS ranks take
     batches in queue order as they come free (time = cost) until the batches finished reach TTT_PREFIX_DOCS x k /
     TTT_PHASES documents; the batches already started complete.  Decided on costs, not clocks: every rank, and any
     number of ranks, computes the same phases.  Returns (segments, number of segments followed by a phase)."""
-    bounds = [hp.ttt_prefix_docs * (k + 1) // hp.ttt_phases for k in range(hp.ttt_phases)]
+    bounds = [TTT_PREFIX_DOCS * (k + 1) // hp.ttt_phases for k in range(hp.ttt_phases)]
     segments, rest, done = [], list(queue), 0
     while bounds and rest:
-        free, finished, segment = [0] * hp.ttt_pause_ranks, [], []
+        free, finished, segment = [0] * TTT_PAUSE_RANKS, [], []
         while rest and done + sum(n for t, n in finished if t <= min(free)) < bounds[0]:
             segment.append(rest.pop(0))
             r = free.index(min(free))
@@ -2253,32 +2231,29 @@ def phase_docs(segments, batches, k, hp):
     """The documents of the global phase after segment k: the shortest TTT_PREFIX_DOCS (k + 1) / TTT_PHASES of
     those scored by then (the record's choice)."""
     scored = [d for segment in segments[:k + 1] for i in segment for d in batches[i]]
-    return sorted(scored, key=lambda d: (d[1] - d[0], d[0]))[:hp.ttt_prefix_docs * (k + 1) // hp.ttt_phases]
+    return sorted(scored, key=lambda d: (d[1] - d[0], d[0]))[:TTT_PREFIX_DOCS * (k + 1) // hp.ttt_phases]
 
 
-GUARD_POINTS = 4  # checkpoints of the budget guard in the queue after the last phase
-
-
-def eval_ttt_phased(model, tokens, hp, rt, luts, eval_start, counts=None):
+def eval_ttt_phased(model, tokens, hp, rt, tables, eval_start, prior=(0.0, 0.0)):
     """TTT_MODE=phased.  Documents (split_documents) shortest first in batches of TTT_DOC_BATCH, queued longest batch
     first and dealt to the ranks by cost (deal); after each of the first TTT_PHASES segments of the queue (each ending
     at a multiple of TTT_PREFIX_DOCS / TTT_PHASES documents scored) all ranks take a global_phase on the shortest
     that many of the scored documents, and fresh adapters.  Returns (val_loss, val_bpb, batches_adapted, n_batches).
     The budget guard: at each segment, from rank 0's clock and the seconds per row-token measured so far (all ranks
-    together), every rank adapts the batches that fit EVAL_BUDGET_SECONDS; once one does not fit, the rest of the
-    queue is scored in one no-grad sliding-window pass over its documents, with the weights as they are."""
+    together; before the first segment, `prior`'s (seconds, row-tokens) from the warm-up), every rank adapts the
+    batches that fit EVAL_BUDGET_SECONDS; once one does not fit, the rest of the queue is scored in one no-grad
+    sliding-window pass over its documents, with the weights as they are."""
     base = getattr(model, "_orig_mod", model)  # under torch.compile the adapters go on the wrapped module
     docs = sorted(split_documents(tokens), key=lambda d: (d[1] - d[0], d[0]))
     batches = [docs[i:i + hp.ttt_doc_batch] for i in range(0, len(docs), hp.ttt_doc_batch)]
     costs = [doc_batch_cost(batch, hp) for batch in batches]
     segments, phases = phase_segments(sorted(range(len(batches)), key=lambda i: (-costs[i], -i)), batches, costs, hp)
-    totals = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    measured = torch.zeros(4, dtype=torch.float64, device=rt.device)  # seconds, row-tokens: doc batches; global
+    totals = new_totals(rt.device)
+    measured = torch.tensor([*prior, 0, 0], dtype=torch.float64, device=rt.device)  # s, row-tokens: batches; global
     rest, adapted, stopped = [], 0, False
     rt.log(f"ttt:start mode:phased docs:{len(docs)} batches:{len(batches)} segments:{[len(g) for g in segments]} "
            f"largest_batch_row_tokens:{max(costs)} row_tokens_per_prediction:{sum(costs) / (len(tokens) - 1):.2f} "
-           f"lora:{hp.ttt_lora_optimizer} rank:{hp.ttt_lora_rank} lr:{hp.ttt_lora_lr} warm_a:{hp.ttt_lora_warm_a} "
-           f"global:{hp.ttt_global_optimizer} lr:{hp.ttt_global_lr}")
+           f"lr:{hp.ttt_lora_lr} wd:{hp.ttt_lora_wd} targets:{hp.ttt_lora_targets}")
     for p in base.parameters():
         p.requires_grad_(False)
     for g, segment in enumerate(segments):
@@ -2287,7 +2262,7 @@ def eval_ttt_phased(model, tokens, hp, rt, luts, eval_start, counts=None):
         rate, global_rate = float(total[0] / total[1].clamp_min(1)), float(total[2] / total[3].clamp_min(1))
         keeps = [0] * rt.world_size
         if not stopped:
-            left = (hp.eval_budget_seconds - shared_elapsed_ms(rt, 0.0, eval_start) / 1000 - global_rate *
+            left = (hp.eval_budget_seconds - shared_clock(rt, 0.0, eval_start)[0] / 1000 - global_rate *
                     sum(e - b for k in range(g, phases) for b, e in phase_docs(segments, batches, k, hp)))
             keeps = [sum(c * rate <= left for c in itertools.accumulate(costs[i] for i in d)) for d in dealt]
             if any(k < len(d) for k, d in zip(keeps, dealt)):
@@ -2296,12 +2271,12 @@ def eval_ttt_phased(model, tokens, hp, rt, luts, eval_start, counts=None):
         mine, rest = dealt[rt.rank][:keeps[rt.rank]], rest + dealt[rt.rank][keeps[rt.rank]:]
         stopped = stopped or any(k < len(d) for k, d in zip(keeps, dealt))
         if g <= phases:  # fresh adapters, with a fresh A, at the start and after every global phase
-            lora = LoRA(base, max(map(len, batches)), hp.ttt_lora_rank, hp.seed + g)
+            lora = LoRA(base, max(map(len, batches)), hp.seed + g)
         base.lora = lora
         model.train()
         t0 = time.perf_counter()
-        for i in mine:  # A's draws are seeded by batch, so that the deal to ranks changes nothing without the warm A
-            totals += score_doc_batch(model, lora, tokens, batches[i], hp, rt, luts, counts, hp.seed + 1000 * (i + 1))
+        for i in mine:
+            totals += score_doc_batch(model, lora, tokens, batches[i], hp, rt, tables)
         rt.sync()  # the GPU's time, not the host's
         measured[:2] += torch.tensor([time.perf_counter() - t0, sum(costs[i] for i in mine)], device=rt.device)
         adapted += len(mine)
@@ -2316,11 +2291,59 @@ def eval_ttt_phased(model, tokens, hp, rt, luts, eval_start, counts=None):
                f"time:{time.perf_counter() - eval_start:.1f}s")
     model.eval()
     windows = [w for i in rest for b, e in batches[i] for w in make_windows(b, e, hp.eval_seq_len, hp.eval_stride, b)]
-    totals += score_windows(model, tokens, windows, hp, rt, luts, counts)  # the no-grad tail, if any
+    totals += score_windows(model, tokens, windows, hp, rt, tables)  # the no-grad tail, if any
     for p in base.parameters():
         p.requires_grad_(True)
     return (*loss_and_bpb(all_sum(rt, totals)), int(all_sum(rt, torch.tensor(adapted, device=rt.device))),
             len(batches))
+
+
+def eval_ttt(model, tokens, hp, rt, tables, eval_start, prior=(0.0, 0.0)):
+    """Score-first TTT of TTT_MODE: (val_loss, val_bpb, chunks or batches adapted, their number).  prior: phased TTT's
+    (seconds, row-tokens) of a batch timed in the warm-up."""
+    if hp.ttt_mode == "phased":
+        return eval_ttt_phased(model, tokens, hp, rt, tables, eval_start, prior)
+    return eval_ttt_chunks(model, tokens, hp, rt, tables, eval_start)
+
+
+def warm_up_ttt(model, hp, rt, tables):
+    """Runs TTT once on random tokens (never validation data) so that every TTT graph compiles before the eval clock
+    starts, as the record does; the weights are put back afterwards.  Phased: a full batch of documents of n / 2
+    tokens (n = EVAL_SEQ_LEN + DOC_CHUNK), a global phase, then one document of n: steps of many rows and of one
+    row (a dynamic graph specialises a size of 1), with adapters of the eval's size (their shapes are static); the
+    many-row batch runs again, timed: the budget guard's rate before the eval has measured one.  Chunk: two chunks.
+    Returns that (seconds, row-tokens)."""
+    base = getattr(model, "_orig_mod", model)
+    saved = copy.deepcopy(base.state_dict())
+    n = hp.eval_seq_len + DOC_CHUNK
+    lengths = [n // 2] * hp.ttt_doc_batch + [n] if hp.ttt_mode == "phased" else [2 * hp.ttt_chunk_tokens]
+    tokens = torch.randint(2, hp.vocab_size, (sum(lengths) + 1,), generator=torch.Generator().manual_seed(hp.seed))
+    tokens[[0, *itertools.accumulate(lengths[:-1])]] = BOS_ID
+    rt = dataclasses.replace(rt, verbose=False)
+    tables = tables._replace(tilt=ngram_tilt(tokens, hp, rt))  # compiles the tilted graphs too
+    if hp.ttt_mode == "phased":
+        docs = split_documents(tokens)
+        for p in base.parameters():  # as in eval_ttt_phased: gradients reach the adapters alone
+            p.requires_grad_(False)
+        base.lora = LoRA(base, hp.ttt_doc_batch, hp.seed)
+        model.train()
+        for batch in (docs[:-1], docs[-1:], docs[:-1]):  # many rows, one, then many again: timed
+            rt.sync()
+            t0 = time.perf_counter()
+            score_doc_batch(model, base.lora, tokens, batch, hp, rt, tables)
+            rt.sync()
+        prior = (time.perf_counter() - t0, float(doc_batch_cost(docs[:-1], hp)))
+        base.lora = None
+        global_phase(model, tokens, docs[:-1], hp, rt)
+        model.eval()
+        score_windows(model, tokens, make_windows(0, n // 2, hp.eval_seq_len, hp.eval_stride), hp, rt, tables)
+        for p in base.parameters():
+            p.requires_grad_(True)
+    else:
+        eval_ttt_chunks(model, tokens, hp, rt, tables, time.perf_counter())
+        prior = (0.0, 0.0)
+    base.load_state_dict(saved)
+    return prior
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2340,16 +2363,22 @@ def setup_runtime(hp):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-    if distributed:  # the timeout covers rank 0 quantizing alone while the others wait (NCCL's default is 10 min)
+    if distributed:  # no collective spans rank 0's packing: the others wait for the artifact file (wait_for_artifact)
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
                                 timeout=datetime.timedelta(seconds=hp.dist_timeout_seconds))
     if not hp.run_id:  # one id for all ranks: they all open the artifact that rank 0 writes under it
-        shared = [str(uuid.uuid4())]
+        shared = [os.urandom(8).hex()]
         if distributed:
             dist.broadcast_object_list(shared, src=0, device=device)
         hp.run_id = shared[0]
-    os.makedirs("logs", exist_ok=True)
-    return Runtime(rank, world_size, device, os.path.join("logs", f"{hp.run_id}.txt"))
+    log_path = os.path.join("logs", f"{hp.run_id}.txt")
+    try:
+        os.makedirs("logs", exist_ok=True)
+        open(log_path, "a").close()
+    except OSError as e:
+        raise ConfigError(f"cannot write the log {log_path}: {e}; run from a writable directory") from None
+    STATE["rt"] = Runtime(rank, world_size, device, log_path)
+    return STATE["rt"]
 
 
 def code_size():
@@ -2363,125 +2392,173 @@ def log_header(hp, rt):
     source = open(os.path.abspath(sys.argv[0] or __file__), "rb").read()
     rt.log(f"seed:{hp.seed}")
     rt.log(f"code_sha256:{hashlib.sha256(source).hexdigest()[:16]} python:{sys.version.split()[0]} "
-           f"torch:{torch.__version__} brotli:{brotli is not None}")
+           f"torch:{torch.__version__}")
     rt.log("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(hp).items()))
+
+
+def load_eval_data(hp, rt):
+    """(validation tokens, ByteTables on the device: no copy per batch)."""
+    val_tokens = load_val_tokens(hp)
+    sidecar = load_val_bytes(hp, len(val_tokens))
+    tables = ByteTables(*(t.to(rt.device) for t in build_byte_tables(load_tokenizer(hp), hp.vocab_size)[:3]),
+                        sidecar=None if sidecar is None else sidecar.to(rt.device))
+    rt.log(f"val_tokens:{len(val_tokens)} val_docs:{int((val_tokens == BOS_ID).sum())} "
+           f"train_shards:{len(shard_files(hp.data_path, 'train'))} "
+           f"bytes:{'sidecar' if sidecar is not None else 'tokenizer'}")
+    return val_tokens, tables
+
+
+def train_and_collect(model, hp, rt):
+    """Training, then the Hessians, both inside the training cap: the Hessians (or SNAPSHOT's, when that file
+    exists: then nothing is trained)."""
+    if hp.snapshot and os.path.exists(hp.snapshot):
+        saved = torch.load(hp.snapshot, map_location=rt.device)
+        model.load_state_dict(saved["model"])
+        rt.log(f"snapshot:loaded {hp.snapshot}")
+        return saved["hessians"]
+    train_ms = train(model, hp, rt)
+    phase("hessians")
+    t0 = time.perf_counter()
+    cap_ms = hp.max_wallclock_seconds * 1000 or float("inf")
+    hessians = collect_hessians(model, hp, rt, cap_ms - train_ms)
+    hessian_ms = 1000 * (time.perf_counter() - t0)
+    total_ms = train_ms + hessian_ms
+    rt.log(f"gptq:hessians batches:{hp.gptq_calib_batches} time:{hessian_ms:.0f}ms reserve:{hp.gptq_reserve_ms:.0f}ms "
+           f"train+hessians:{total_ms:.0f}ms cap:{hp.max_wallclock_seconds * 1000:.0f}ms "
+           f"within_cap:{not hp.max_wallclock_seconds or total_ms <= hp.max_wallclock_seconds * 1000}")
+    if hp.snapshot and rt.rank == 0:
+        torch.save({"model": model.state_dict(), "hessians": hessians}, hp.snapshot)
+        rt.log(f"snapshot:saved {hp.snapshot}")
+    return hessians
+
+
+def write_artifact(model, hessians, hp, rt, path):
+    """Rank 0 packs the model into `path` (written whole, then renamed into place)."""
+    code_bytes = code_size()
+    blob = quantize_model(model, hessians, hp, rt, code_bytes)
+    with open(path + ".tmp", "wb") as f:
+        f.write(blob)
+    os.replace(path + ".tmp", path)
+    rt.log(f"Serialized model int6+brotli: {len(blob)} bytes")
+    rt.log(f"Code size: {code_bytes} bytes")
+    rt.log(f"Total submission size int6+brotli: {len(blob) + code_bytes} bytes")
+
+
+STATE = {"phase": "startup", "rt": None}  # for the line that names where a run failed
+ARTIFACT_WAIT_SECONDS = 1200  # the other ranks wait this long for rank 0's packing (full size on a CPU: 261 s)
+
+
+def phase(name):
+    STATE["phase"] = name
 
 
 def main():
     hp = Hyperparameters.from_env()
     rt = setup_runtime(hp)
     log_header(hp, rt)
-    rt.log(f"attention:{select_attention(hp, rt.device)} doc_isolation:{hp.doc_isolation} "
-           f"flash_builds:{','.join(FLASH) or 'none'}")
+    kernel, failures = select_attention(hp, rt)
+    rt.log(f"attention:{kernel} doc_isolation:{hp.doc_isolation} flash_builds:{','.join(FLASH) or 'none'} "
+           f"failed:[{'; '.join(failures)}]")
     torch.manual_seed(hp.seed)
     np.random.seed(hp.seed)
-    val_tokens = load_val_tokens(hp)
-    sidecar = load_val_bytes(hp, len(val_tokens))  # byte tables and sidecar live on the device: no copy per batch
-    luts = tuple(t.to(rt.device) for t in build_byte_luts(load_tokenizer(hp), hp.vocab_size))
-    luts += (None if sidecar is None else sidecar.to(rt.device),)
-    rt.log(f"val_tokens:{len(val_tokens)} val_docs:{int((val_tokens == BOS_ID).sum())} "
-           f"train_shards:{len(shard_files(hp.data_path, 'train'))} "
-           f"bytes:{'sidecar' if sidecar is not None else 'tokenizer'}")
-    model = GPT(hp).to(rt.device)
-    rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
-    if hp.load_snapshot:
-        snap = torch.load(hp.load_snapshot, map_location=rt.device)
-        model.load_state_dict(snap["model"])
-        hessians = snap["hessians"]
-        rt.log(f"snapshot:loaded {hp.load_snapshot}")
-    else:
-        train_ms = train(model, hp, rt, val_tokens, luts)
-        t0 = time.perf_counter()
-        cap_ms = hp.max_wallclock_seconds * 1000 or float("inf")
-        hessians = collect_hessians(model, hp, rt, cap_ms - train_ms)
-        hessian_ms = 1000 * (time.perf_counter() - t0)
-        rt.log(f"gptq:hessians batches:{hp.gptq_calib_batches} time:{hessian_ms:.0f}ms "
-               f"reserve:{hp.gptq_reserve_ms:.0f}ms "
-               f"train+hessians:{train_ms + hessian_ms:.0f}ms cap:{hp.max_wallclock_seconds * 1000:.0f}ms "
-               f"within_cap:{not hp.max_wallclock_seconds or train_ms + hessian_ms <= hp.max_wallclock_seconds * 1000}")
-        if hp.snapshot_post_hessian:
-            path = os.path.join("logs", f"{os.path.basename(rt.log_path)[:-4]}_snapshot.pt")
-            if rt.rank == 0:
-                torch.save({"model": model.state_dict(), "hessians": hessians}, path)
-            rt.log(f"snapshot:saved {path}; rerun with LOAD_SNAPSHOT={path}")
-            return
-    eval_model = maybe_compile(model, hp, rt)
-    loss, bpb = eval_full(eval_model, val_tokens, hp, rt, luts)
-    rt.log(f"final_prequant_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-    if hp.eval_float_sliding:
-        loss, bpb = eval_sliding(eval_model, val_tokens, hp, rt, luts)
-        rt.log(f"final_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-    artifact_path = os.path.join("logs", f"{os.path.basename(rt.log_path)[:-4]}_model.int6.ptz")
-    if rt.rank == 0:
-        code_bytes = code_size()
-        blob = quantize_model(model, hessians, hp, rt, code_bytes)
-        with open(artifact_path + ".tmp", "wb") as f:
-            f.write(blob)
-        os.replace(artifact_path + ".tmp", artifact_path)
-        codec = "brotli" if blob[:1] == b"B" else "lzma"
-        rt.log(f"Serialized model int6+{codec}: {len(blob)} bytes")
-        rt.log(f"Code size: {code_bytes} bytes")
-        rt.log(f"Total submission size int6+{codec}: {len(blob) + code_bytes} bytes")
-    if rt.world_size > 1:
-        dist.barrier()
-    run_eval_phase(artifact_path, val_tokens, hp, rt, luts)
+    val_tokens, tables = load_eval_data(hp, rt)
+    artifact_path = hp.eval_artifact or os.path.join("logs", f"{hp.run_id}_model.int6.ptz")
+    if not hp.eval_artifact:
+        train_and_pack(hp, rt, val_tokens, tables, artifact_path)
+    run_eval_phase(artifact_path, val_tokens, hp, rt, tables)
     if rt.world_size > 1:
         dist.destroy_process_group()
 
 
-def run_eval_phase(artifact_path, val_tokens, hp, rt, luts):
-    """The eval phase, given only the artifact and the validation tokens: decode it into a fresh model, the roundtrip
-    diagnostic and TTT's compile warm-up (on random tokens), then the timed evals: sliding and TTT."""
+def train_and_pack(hp, rt, val_tokens, tables, artifact_path):
+    """Training and Hessians, the float model's score, then rank 0 packs the artifact while the others wait for it."""
+    if rt.rank == 0 and os.path.exists(artifact_path):  # an earlier run's under this RUN_ID is not this run's
+        os.remove(artifact_path)
+    model = GPT(hp).to(rt.device)
+    rt.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    phase("training")
+    hessians = train_and_collect(model, hp, rt)
+    phase("prequant eval")
+    loss, bpb = eval_full(maybe_compile(model, hp, rt), val_tokens, hp, rt, tables)
+    rt.log(f"final_prequant_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    phase("packing")
+    if rt.rank == 0:
+        write_artifact(model, hessians, hp, rt, artifact_path)
+    else:
+        wait_for_artifact(artifact_path)
+
+
+def wait_for_artifact(path):
+    """Polls for rank 0's artifact (written whole, then renamed into place): no collective is open while it packs, so
+    no collective timeout has to cover it.  If rank 0 dies, torchrun stops this rank within seconds."""
     t0 = time.perf_counter()
-    with open(artifact_path, "rb") as f:
-        model = load_artifact(f.read(), hp, rt.device)
+    while not os.path.exists(path):
+        if time.perf_counter() - t0 > ARTIFACT_WAIT_SECONDS:
+            raise TimeoutError(f"no artifact at {path} after {ARTIFACT_WAIT_SECONDS}s from rank 0")
+        time.sleep(0.2)
+
+
+def run_eval_phase(artifact_path, val_tokens, hp, rt, tables):
+    """The eval phase, given only the artifact and the validation tokens: decode it into a fresh model, the roundtrip
+    diagnostic and TTT's compile warm-up (on random tokens), then the timed eval: TTT, or sliding windows without it
+    (TTT's own scoring is a sliding pass)."""
+    t0 = time.perf_counter()
+    phase("eval")
+    model = read_artifact(artifact_path, hp, rt)
     scorer = maybe_compile(model, hp, rt)
-    loss, bpb = eval_full(scorer, val_tokens, hp, rt, luts)
+    loss, bpb = eval_full(scorer, val_tokens, hp, rt, tables)
     rt.log(f"final_int6_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
            f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
     ttt_model = maybe_compile(model, hp, rt, dynamic=True) if hp.ttt_mode == "phased" else scorer
     if hp.ttt_enabled:
         t0 = time.perf_counter()
-        warm_up_ttt(ttt_model, hp, rt, luts)
-        rt.log(f"ttt:warmup compile on random tokens, untimed: {time.perf_counter() - t0:.1f}s")
+        phase("ttt warm-up")
+        prior = warm_up_ttt(ttt_model, hp, rt, tables)
+        rt.log(f"ttt:warmup compile on random tokens, untimed: {time.perf_counter() - t0:.1f}s "
+               f"row_tokens_per_s:{prior[1] / max(prior[0], 1e-9):.0f}")
+        log_compiled_graphs(hp, rt, "eval_warmup")
     eval_start = time.perf_counter()
-    luts = (*luts, None)[:4] + (ngram_tilt(val_tokens, hp, rt),)  # inside the eval clock: it reads validation tokens
-    if hp.eval_int6_sliding > 0 or (hp.eval_int6_sliding < 0 and not hp.ttt_enabled):
-        t0 = time.perf_counter()
-        loss, bpb = eval_sliding(scorer, val_tokens, hp, rt, luts)
-        rt.log(f"final_int6_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{hp.eval_stride} "
-               f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    tables = tables._replace(tilt=ngram_tilt(val_tokens, hp, rt))  # inside the eval clock: it reads validation tokens
+    phase("ttt" if hp.ttt_enabled else "eval")
     if hp.ttt_enabled:
-        t0 = time.perf_counter()
-        loss, bpb, adapted, n_chunks = eval_ttt(ttt_model, val_tokens, hp, rt, luts, eval_start)
+        loss, bpb, adapted, n_chunks = eval_ttt(ttt_model, val_tokens, hp, rt, tables, eval_start, prior)
         rt.log(f"final_int6_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
-               f"eval_time:{1000 * (time.perf_counter() - t0):.0f}ms "
+               f"eval_time:{1000 * (time.perf_counter() - eval_start):.0f}ms "
                f"{'batches' if hp.ttt_mode == 'phased' else 'chunks'}_adapted:{adapted}/{n_chunks}")
+    else:
+        loss, bpb = eval_sliding(scorer, val_tokens, hp, rt, tables)
+        rt.log(f"final_int6_sliding_window_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} stride:{hp.eval_stride} "
+               f"eval_time:{1000 * (time.perf_counter() - eval_start):.0f}ms")
     log_compiled_graphs(hp, rt, "eval")
-    rt.log(f"eval_phase_time:{time.perf_counter() - eval_start:.1f}s (timed: sliding and TTT)")
+    rt.log(f"eval_phase_time:{time.perf_counter() - eval_start:.1f}s")
 
 
-def warm_up_ttt(model, hp, rt, luts):
-    """Runs TTT once on random tokens (never validation data) so that every TTT graph compiles before the eval clock
-    starts, as the record does; the weights are put back afterwards.  Phased: a full batch of documents of n / 2
-    tokens (n = EVAL_SEQ_LEN + TTT_DOC_CHUNK), a global phase, then one document of n: steps of many rows and of one
-    row (a dynamic graph specialises a size of 1), with adapters of the eval's size (their shapes are static).
-    Chunk: two chunks."""
-    base = getattr(model, "_orig_mod", model)
-    saved = copy.deepcopy(base.state_dict())
-    n = hp.eval_seq_len + hp.ttt_doc_chunk
-    lengths = [n // 2] * hp.ttt_doc_batch + [n] if hp.ttt_mode == "phased" else [2 * hp.ttt_chunk_tokens]
-    tokens = torch.randint(2, hp.vocab_size, (sum(lengths) + 1,), generator=torch.Generator().manual_seed(hp.seed))
-    tokens[[0, *itertools.accumulate(lengths[:-1])]] = BOS_ID
-    rt = dataclasses.replace(rt, verbose=False)
-    eval_ttt(model, tokens, dataclasses.replace(hp, ttt_prefix_docs=hp.ttt_doc_batch, ttt_phases=1, ttt_pause_ranks=1,
-                                                eval_budget_seconds=float("inf")),
-             rt, (*luts, None)[:4] + (ngram_tilt(tokens, hp, rt),), time.perf_counter())  # compiles the tilt too
-    base.load_state_dict(saved)
+def read_artifact(path, hp, rt):
+    """The model of an artifact file; a corrupt, truncated or foreign one is refused with its path and the fix."""
+    try:
+        with open(path, "rb") as f:
+            return load_artifact(f.read(), hp, rt.device)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}; read it with the PRESET and model settings that wrote "
+                          f"it") from None
+
+
+def stop_on_sigterm(signum, frame):
+    raise SystemExit("stopped by SIGTERM")
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         main()
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    except BaseException as e:  # one line that names the rank, the phase and the cause, in the log as well
+        rt = STATE["rt"]
+        line = f"error: {e}" if isinstance(e, ConfigError) else (
+            f"error: rank {rt.rank if rt else 0} failed during {STATE['phase']}: {type(e).__name__}: {e}")
+        if rt and rt.rank == 0:
+            with open(rt.log_path, "a") as f:
+                f.write(line + "\n")
+        if isinstance(e, ConfigError):
+            sys.exit(line)
+        print(line, file=sys.stderr, flush=True)
+        raise

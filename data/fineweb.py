@@ -7,9 +7,11 @@ download   fetch the challenge's pre-tokenized shards + tokenizer from Hugging F
            data/datasets/fineweb10B_<variant>/ and data/tokenizers/
 build      tokenize a docs.jsonl[.xz] file with a SentencePiece model into shards
            (--caseops: apply the lossless_caps_caseops_v1 transform first and write the
-           validation byte sidecar fineweb_val_bytes_NNNNNN.bin)
+           validation byte sidecar fineweb_val_bytes_NNNNNN.bin, and print the plain-table / sidecar
+           byte ratio of the validation documents)
 check      validate a shard folder (headers, sizes, token ids, byte sidecar) and verify that
-           no validation document also occurs in a training shard (the leak guard)
+           no validation document also occurs in a training shard (the leak guard); --plain-ratio:
+           the CaseOps validation set's plain-table / sidecar byte ratio
 pydoc-corpus
            write a small offline docs.jsonl made of the installed Python's stdlib pydoc text
 train-tokenizer
@@ -419,6 +421,60 @@ def caseops_tokenize(sp, texts: list[str], exact: bool = False,
             for tr, (ids, b, e) in zip(encoded, _piece_spans(sp, encoded, num_threads))]
 
 
+# The two bpb denominators.  A CaseOps sidecar counts the ORIGINAL UTF-8 bytes of each token, whitespace that
+# the plain tokenizer's normalizer folds included ("\n\n" -> " "); the official scorer counts, for plain data,
+# the plain tokenizer's byte table.  Over the same documents the two totals differ (ratio about 0.93).
+
+PLAIN_TOKENIZER = VARIANTS["sp8192"]["tokenizer"] + ".model"
+CASEOPS_TOKENIZER = VARIANTS["sp8192_caseops"]["tokenizer"] + ".model"
+
+
+def plain_byte_tables(sp) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(base, space, boundary) per token id: the official scorer's byte table, the numpy twin of
+    train_gpt_human.build_byte_tables (same rule: a '▁' piece costs one more byte unless the previous token
+    is a boundary = control/unknown/unused; control/unknown tokens 0 bytes, byte tokens 1)."""
+    n = sp.get_piece_size()
+    base, space, boundary = np.zeros(n, np.int64), np.zeros(n, bool), np.ones(n, bool)
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        piece = sp.id_to_piece(i)
+        if sp.is_byte(i):
+            base[i] = 1
+        else:
+            space[i] = piece.startswith("\u2581")
+            base[i] = len(piece[int(space[i]):].encode("utf-8"))
+    return base, space, boundary
+
+
+def plain_table_bytes(sp, texts: list[str], num_threads: int = 0, tables=None) -> int:
+    """Bytes the official scorer counts for ``texts`` tokenized with the PLAIN tokenizer ``sp``, each
+    document after its BOS (the stream's layout): per token base + (space and previous not a boundary)."""
+    base, space, boundary = tables or plain_byte_tables(sp)
+    total = 0
+    for ids in sp.encode(list(texts), num_threads=num_threads):
+        ids = np.asarray(ids, dtype=np.int64)
+        prev = np.append(sp.bos_id(), ids)[:-1]
+        total += int(base[ids].sum() + (space[ids] & ~boundary[prev]).sum())
+    return total
+
+
+def caseops_texts(sp, tokens: np.ndarray, bos_id: int = 1, num_threads: int = 0) -> list[str]:
+    """The documents of a CaseOps token stream as text (``sp``: the CaseOps tokenizer): each document's
+    tokens (after its BOS) decoded and ``caseops_decode``d.  That is the original text after SentencePiece's
+    normalization, which the plain tokenizer (same normalizer) encodes like the original."""
+    starts, ends = _doc_bounds(np.asarray(tokens), bos_id)
+    docs = [tokens[s:e].tolist() for s, e in zip(starts.tolist(), ends.tolist())]
+    return [caseops_decode(t) for t in sp.decode(docs, num_threads=num_threads)] if docs else []
+
+
+def caseops_ratio_line(sidecar_bytes: int, plain_bytes: int, vocab: int) -> str:
+    ratio = plain_bytes / max(1, sidecar_bytes)
+    return (f"caseops val bytes: sidecar {sidecar_bytes}, plain sp{vocab} table {plain_bytes}, "
+            f"ratio M/N = {ratio:.6f} (compare bpb only over one denominator; README \"CaseOps\")")
+
+
 # --------------------------------------------------------------------------------------
 # build
 # --------------------------------------------------------------------------------------
@@ -459,17 +515,21 @@ def build_shards(docs_path: str | os.PathLike, tokenizer_path: str | os.PathLike
                  out_dir: str | os.PathLike, val_docs: int = CHALLENGE_VAL_DOCS, max_docs: int | None = None,
                  shard_tokens: int = DEFAULT_SHARD_TOKENS, batch_docs: int = 256,
                  log: Callable[[str], None] | None = None, caseops: bool = False,
-                 exact_bytes: bool = False) -> dict:
+                 exact_bytes: bool = False, plain_tokenizer: str | os.PathLike | None = None) -> dict:
     """Tokenize docs into val shards (first ``val_docs`` docs) and train shards (the rest).
 
     ``val_docs`` defaults to the challenge's 50,000 scored documents.  With ``caseops`` every document
     is CaseOps-encoded before tokenization (use the CaseOps tokenizer) and each val shard gets its byte
     sidecar fineweb_val_bytes_NNNNNN.bin (uint16 per token: original UTF-8 bytes, 0 for BOS; see
-    ``caseops_original_byte_counts`` for ``exact_bytes``).
+    ``caseops_original_byte_counts`` for ``exact_bytes``).  With ``caseops`` and ``plain_tokenizer`` (the
+    plain model, e.g. fineweb_8192_bpe.model; skipped with a log line when the file is absent) it also counts
+    the validation documents' bytes by the official scorer's table for that tokenizer (``plain_table_bytes``)
+    and logs the plain-table / sidecar byte ratio.
     Existing fineweb_{train,val}_*.bin files (sidecars included) in ``out_dir`` are removed first so the
     directory always holds exactly one consistent build.  Returns a dict with
     docs, docs_val, docs_train, tokens_val, tokens_train, files_val, files_train, files_val_bytes
-    (lists of paths), bytes_val (sidecar total, 0 without caseops), vocab_size and bos_id.
+    (lists of paths), bytes_val (sidecar total, 0 without caseops), plain_bytes_val (the plain-table bytes of
+    the validation documents, None when not counted), vocab_size and bos_id.
     """
     docs_path, tokenizer_path, out_dir = Path(docs_path), Path(tokenizer_path), Path(out_dir)
     if val_docs is None:
@@ -503,6 +563,15 @@ def build_shards(docs_path: str | os.PathLike, tokenizer_path: str | os.PathLike
         log(f"warning: {tokenizer_path} has no CaseOps operator pieces (expected the "
             f"lossless_caps_caseops_v1 tokenizer): operators will become <unk>/byte tokens")
 
+    sp_plain, plain_tables, plain_bytes = None, None, 0  # the plain tokenizer, for the byte ratio
+    if caseops and plain_tokenizer is not None:
+        if Path(plain_tokenizer).is_file():
+            sp_plain = load_tokenizer(plain_tokenizer)
+            plain_tables = plain_byte_tables(sp_plain)
+        elif log:
+            log(f"caseops val bytes: plain tokenizer {plain_tokenizer} not found, plain-table/sidecar "
+                f"byte ratio skipped (--plain-tokenizer)")
+
     writers = {s: _ShardWriter(out_dir, s, shard_tokens) for s in ("val", "train")}
     sidecar = _ShardWriter(out_dir, "val_bytes", shard_tokens) if caseops else None
     ndocs = {"val": 0, "train": 0}
@@ -523,10 +592,13 @@ def build_shards(docs_path: str | os.PathLike, tokenizer_path: str | os.PathLike
             sidecar.add(counts.astype(TOKEN_DTYPE))
 
     def encode_batch(texts: list[str], first_index: int) -> None:
+        nonlocal plain_bytes
         n_val = max(0, min(len(texts), val_docs - first_index))
         if caseops:
             for ids, nbytes in caseops_tokenize(sp, texts[:n_val], exact=exact_bytes, num_threads=threads):
                 add("val", ids, nbytes)
+            if sp_plain is not None:
+                plain_bytes += plain_table_bytes(sp_plain, texts[:n_val], threads, plain_tables)
             for ids in sp.encode([caseops_encode(t) for t in texts[n_val:]], num_threads=threads):
                 add("train", ids)
         else:
@@ -562,6 +634,7 @@ def build_shards(docs_path: str | os.PathLike, tokenizer_path: str | os.PathLike
         "files_val": writers["val"].files, "files_train": writers["train"].files,
         "files_val_bytes": sidecar.files if sidecar is not None else [],
         "bytes_val": sidecar.total if sidecar is not None else 0,
+        "plain_bytes_val": plain_bytes if sp_plain is not None else None,
         "vocab_size": vocab, "bos_id": bos,
     }
     if log:
@@ -570,6 +643,8 @@ def build_shards(docs_path: str | os.PathLike, tokenizer_path: str | os.PathLike
             f"{result['tokens_train']} tokens in {len(result['files_train'])} shard(s)"
             + (f"; CaseOps byte sidecar: {result['bytes_val']} bytes in {len(result['files_val_bytes'])} "
                f"file(s)" if caseops else ""))
+        if sp_plain is not None:
+            log(caseops_ratio_line(result["bytes_val"], plain_bytes, sp_plain.get_piece_size()))
     return result
 
 
@@ -817,7 +892,9 @@ def _infer_vocab(data_dir: Path) -> tuple[int | None, str]:
 
 def check_data(data_dir: str | os.PathLike, vocab_size: int | None = None, bos_id: int = 1,
                prefix_tokens: int = 32, min_doc_tokens: int = 16, require_sidecar: bool = False,
-               workers: int | None = None, log: Callable[[str], None] | None = None) -> dict:
+               workers: int | None = None, log: Callable[[str], None] | None = None,
+               plain_tokenizer: str | os.PathLike | None = None,
+               caseops_tokenizer: str | os.PathLike | None = None) -> dict:
     """Validate a shard folder and look for validation documents inside the training shards.
 
     Every fineweb_{train,val,val_bytes}_NNNNNN.bin must have a valid header and a size matching its
@@ -831,10 +908,15 @@ def check_data(data_dir: str | os.PathLike, vocab_size: int | None = None, bos_i
     Every training document (from a BOS; shards are scanned in parallel, memory-mapped) whose key
     matches is compared token by token with the candidate validation documents.  A document cut by the
     end of its shard is joined with the head of the following shard(s) first; one cut by the end of the
-    last shard present counts when it equals the start of a validation document.  Returns
-    a dict: train_shards, val_shards, train_tokens, val_tokens, val_docs, val_docs_checked, sidecar_bytes
-    (None without a sidecar), vocab_size, leaked_docs (distinct validation documents found),
-    leaked_by_shard ({file name: documents}), leaked_examples (up to 5 (val doc, shard, position)), seconds.
+    last shard present counts when it equals the start of a validation document.
+
+    With ``plain_tokenizer`` (CaseOps data only) the validation documents are decoded back to text with
+    ``caseops_tokenizer`` (default: the CaseOps model beside the plain one) and counted by the plain
+    tokenizer's official byte table (``plain_table_bytes``), for the plain-table / sidecar byte ratio.
+    Returns a dict: train_shards, val_shards, train_tokens, val_tokens, val_docs, val_docs_checked,
+    sidecar_bytes (None without a sidecar), plain_bytes (None without ``plain_tokenizer``), vocab_size,
+    leaked_docs (distinct validation documents found), leaked_by_shard ({file name: documents}),
+    leaked_examples (up to 5 (val doc, shard, position)), seconds.
     """
     t0 = time.perf_counter()
     data_dir = Path(data_dir)
@@ -882,6 +964,21 @@ def check_data(data_dir: str | os.PathLike, vocab_size: int | None = None, bos_i
             if at_bos.any():
                 raise DataError(f"{p}: {int((at_bos != 0).sum())} BOS token(s) with a non-zero byte count")
             sidecar_bytes += int(nb.sum(dtype=np.int64))
+    plain_bytes = None
+    if plain_tokenizer is not None:
+        if sidecar_bytes is None:
+            raise DataError(f"{data_dir}: the plain-table byte ratio needs CaseOps data with its byte "
+                            f"sidecar (no fineweb_val_bytes_NNNNNN.bin here)")
+        sp_plain = load_tokenizer(plain_tokenizer)
+        caseops_tokenizer = Path(caseops_tokenizer or Path(plain_tokenizer).parent / CASEOPS_TOKENIZER)
+        if not caseops_tokenizer.is_file():
+            raise DataError(f"{caseops_tokenizer}: CaseOps tokenizer not found (needed to decode the "
+                            f"validation documents; pass --caseops-tokenizer)")
+        threads = workers or max(1, min(8, os.cpu_count() or 1))
+        texts = caseops_texts(load_tokenizer(caseops_tokenizer), val, bos_id, threads)
+        plain_bytes = plain_table_bytes(sp_plain, texts, threads)
+        if log:
+            log(caseops_ratio_line(sidecar_bytes, plain_bytes, sp_plain.get_piece_size()))
 
     starts, ends = _doc_bounds(val, bos_id)
     keep = (ends - starts) >= max(1, min_doc_tokens)
@@ -963,7 +1060,7 @@ def check_data(data_dir: str | os.PathLike, vocab_size: int | None = None, bos_i
         "train_tokens": sum(n for _, n, _, _ in scanned), "val_tokens": int(val.size),
         "train_docs": sum(n for _, _, n, _ in scanned),
         "val_docs": int(starts.size), "val_docs_checked": int(keep.sum()),
-        "sidecar_bytes": sidecar_bytes, "vocab_size": vocab_size,
+        "sidecar_bytes": sidecar_bytes, "plain_bytes": plain_bytes, "vocab_size": vocab_size,
         "leaked_docs": len(leaked), "leaked_by_shard": by_shard,
         "leaked_examples": [(int(doc_index[vi]), name, pos) for vi, name, pos in examples],
         "seconds": time.perf_counter() - t0,
@@ -1108,6 +1205,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --caseops: also count the characters SentencePiece drops at document edges "
                         "(leading/trailing whitespace, BOM), so the sidecar sums to the full UTF-8 size; "
                         "default is the published export's rule (they count 0)")
+    b.add_argument("--plain-tokenizer", default=None,
+                   help=f"with --caseops: the plain tokenizer, to print the plain-table / sidecar byte ratio "
+                        f"of the validation set (default: {PLAIN_TOKENIZER} beside --tokenizer; skipped "
+                        f"when absent)")
 
     k = sub.add_parser("check", help="validate a shard folder and verify no validation doc is in a train shard")
     k.add_argument("data_dir")
@@ -1123,6 +1224,13 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--max-leaked", type=int, default=0,
                    help="tolerate up to N validation documents found in training shards (default 0)")
     k.add_argument("--workers", type=int, default=None, help="training shards scanned in parallel")
+    k.add_argument("--plain-ratio", metavar="PLAIN_TOKENIZER", default=None,
+                   help=f"CaseOps data: decode the validation documents and print the bytes the official "
+                        f"scorer counts for them with this plain tokenizer ({PLAIN_TOKENIZER}) against the "
+                        f"sidecar's")
+    k.add_argument("--caseops-tokenizer", default=None,
+                   help=f"with --plain-ratio: the CaseOps tokenizer that decodes the validation shards "
+                        f"(default: {CASEOPS_TOKENIZER} beside the plain tokenizer)")
 
     c = sub.add_parser("pydoc-corpus", help="write an offline docs.jsonl from stdlib pydoc text")
     c.add_argument("--out", required=True)
@@ -1151,14 +1259,18 @@ def main(argv: list[str] | None = None) -> int:
             log(f"done: {len(r['fetched'])} fetched, {len(r['skipped'])} already present "
                 f"({r['dataset_dir']}, {r['tokenizer']})")
         elif args.cmd == "build":
-            if args.exact_bytes and not args.caseops:
-                raise DataError("--exact-bytes only applies with --caseops")
+            for flag in ("exact_bytes", "plain_tokenizer"):
+                if getattr(args, flag) and not args.caseops:
+                    raise DataError(f"--{flag.replace('_', '-')} only applies with --caseops")
+            plain = args.plain_tokenizer or Path(args.tokenizer).parent / PLAIN_TOKENIZER
             build_shards(args.docs, args.tokenizer, args.out, args.val_docs, args.max_docs,
-                         args.shard_tokens, log=log, caseops=args.caseops, exact_bytes=args.exact_bytes)
+                         args.shard_tokens, log=log, caseops=args.caseops, exact_bytes=args.exact_bytes,
+                         plain_tokenizer=plain if args.caseops else None)
         elif args.cmd == "check":
             r = check_data(args.data_dir, vocab_size=args.vocab_size, bos_id=args.bos_id,
                            prefix_tokens=args.prefix_tokens, min_doc_tokens=args.min_doc_tokens,
-                           require_sidecar=args.require_sidecar, workers=args.workers, log=log)
+                           require_sidecar=args.require_sidecar, workers=args.workers, log=log,
+                           plain_tokenizer=args.plain_ratio, caseops_tokenizer=args.caseops_tokenizer)
             print(check_summary(r), flush=True)
             if r["leaked_docs"] > args.max_leaked:
                 for name, n in sorted(r["leaked_by_shard"].items()):

@@ -17,10 +17,10 @@ sys.path.insert(0, str(REPO / "data"))
 TINY_ENV = {
     "DEVICE": "cpu", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "2",
     "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "2048", "GRAD_ACCUM_STEPS": "1",
-    "ITERATIONS": "40", "WARMUP_STEPS": "0", "WARMDOWN_ITERS": "10", "VAL_LOSS_EVERY": "0", "TRAIN_LOG_EVERY": "10",
+    "ITERATIONS": "40", "WARMUP_STEPS": "0", "WARMDOWN_ITERS": "10", "TRAIN_LOG_EVERY": "10",
     "EVAL_STRIDE": "64", "EVAL_BATCH_SEQS": "16", "MAX_WALLCLOCK_SECONDS": "0", "ENGRAM_BUCKETS": "256", "VE_DIM": "16",
-    "EMA_DECAY": "0.9", "MUON_MOMENTUM_WARMUP_STEPS": "10", "GPTQ_CALIB_BATCHES": "4", "VAL_MAX_TOKENS": "8193",
-    "TTT_CHUNK_TOKENS": "2048", "TTT_BATCH_SEQS": "8", "TARGET_BYTES": "2000000", "COMPILE": "0",
+    "EMA_DECAY": "0.9", "GPTQ_CALIB_BATCHES": "4", "VAL_MAX_TOKENS": "8193", "TTT_CHUNK_TOKENS": "2048",
+    "TARGET_BYTES": "2000000", "COMPILE": "0",
 }
 
 
@@ -38,6 +38,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+def count_scores(monkeypatch, P):
+    """Wraps train_gpt_human.add_scores (through `monkeypatch`) so that, from then on, every prediction it
+    scores is counted: for row r of a call add_scores(totals, nll, x, y, mask, windows, tables), the
+    predictions windows[r][0] + c of every column c where mask[r, c] is set (rows past the windows must be
+    masked out).  Returns the counts (P,), filled in as scoring runs."""
+    import torch
+
+    import train_gpt_human as tg
+
+    counts, original = torch.zeros(P, dtype=torch.int64), tg.add_scores
+
+    def counting(totals, nll, x, y, mask, windows, tables):
+        m = mask.cpu()
+        assert not m[len(windows):].any(), "a padding row is scored"
+        for r, window in enumerate(windows):
+            cols = m[r].nonzero().flatten()
+            counts.index_add_(0, window[0] + cols, torch.ones_like(cols))
+        return original(totals, nll, x, y, mask, windows, tables)
+
+    monkeypatch.setattr(tg, "add_scores", counting)
+    return counts
+
+
+@pytest.fixture
+def scored_counts(monkeypatch):
+    """start(P): count_scores for the rest of the test; returns the counts tensor."""
+    return lambda P: count_scores(monkeypatch, P)
 
 
 def tiny_shards(tmp_path_factory, tokenizer):

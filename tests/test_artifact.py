@@ -50,13 +50,13 @@ def test_smoke_run_sh_runs_the_whole_pipeline(tmp_path, preset):
     shutil.copy(REPO / "data" / "fineweb.py", work / "data" / "fineweb.py")
     env = dict(os.environ, SMOKE="1", SMOKE_DOCS=str(CORPUS), SMOKE_TOKENIZER=str(TOKENIZER_1024), SMOKE_MAX_DOCS="120",
                SMOKE_VAL_DOCS="20", ITERATIONS="12", VAL_MAX_TOKENS="8193", TTT_CHUNK_TOKENS="2048",
-               GPTQ_CALIB_BATCHES="2", EVAL_INT6_SLIDING="1", OMP_NUM_THREADS="1", PYTHON=sys.executable,
+               GPTQ_CALIB_BATCHES="2", OMP_NUM_THREADS="1", PYTHON=sys.executable,
                PRESET=preset)  # record: its default TTT (phased, 64 documents a batch, rank 80)
     proc = subprocess.run(["bash", "run.sh"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     pre = final_metric(out, "final_prequant_exact")
-    for name in ("final_int6_roundtrip_exact", "final_int6_sliding_window_exact", "final_int6_ttt_exact"):
+    for name in ("final_int6_roundtrip_exact", "final_int6_ttt_exact"):
         loss, bpb = final_metric(out, name)
         assert abs(bpb - pre[1]) < 0.2 * pre[1], (name, bpb, pre)
     total = int(re.search(r"Total submission size int6\+\w+: (\d+) bytes", out).group(1))
@@ -64,9 +64,17 @@ def test_smoke_run_sh_runs_the_whole_pipeline(tmp_path, preset):
     assert ("batches_adapted:" if preset == "record" else "chunks_adapted:") in out
 
 
-def test_readme_settings_table_matches_the_script():
+def readme_section(heading):
+    """The README's text from `heading` (a line of its own) to the next heading of any level."""
     readme = (REPO / "README.md").read_text()
-    cells = re.findall(r"^\| `([A-Z0-9_]+)` \| ([^|]+) \|([^|]*)\|", readme, flags=re.M)
+    start = readme.index(f"\n{heading}\n") + len(heading) + 2
+    end = re.search(r"^#+ ", readme[start:], flags=re.M)
+    return readme[start:start + end.start()] if end else readme[start:]
+
+
+def test_readme_settings_table_matches_the_script():
+    settings = readme_section("## Settings")
+    cells = re.findall(r"^\| `([A-Z0-9_]+)` \| ([^|]+) \|([^|]*)\|", settings, flags=re.M)
     table = {name: (default, record.strip()) for name, default, record in cells}
     rows = {name: default for name, (default, _) in table.items()}
     record = {name: cell.strip("`") for name, (_, cell) in table.items() if cell}
@@ -79,3 +87,14 @@ def test_readme_settings_table_matches_the_script():
             assert shown.strip("`") == str(default), (name, shown, default)
         else:  # prose default ("auto", "empty", ...) only for empty-string or computed defaults
             assert default in ("", 0) or name in ("RUN_ID",), (name, shown, default)
+
+
+def test_readme_fixed_choices_are_the_scripts_constants():
+    """Every name in the first column of the README's table of fixed choices is a module constant of the
+    script, and none is a setting any more."""
+    table = readme_section("### Fixed choices (named constants beside their use)")
+    first_cells = re.findall(r"^\| ([^|]+) \|", table, flags=re.M)
+    names = [n for cell in first_cells for n in re.findall(r"`([A-Z0-9_]+)`", cell)]
+    assert len(names) > 20
+    settings = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)}
+    assert [n for n in names if not hasattr(tg, n) or n in settings] == []

@@ -49,7 +49,7 @@ def fake_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             assert b - a <= max_seqlen_q
             seg = torch.zeros(1, b - a, dtype=torch.long)
             out[a:b] = dense_reference(q[None, a:b], k[None, a:b], v[None, a:b], seg)[0]
-    return out, None  # FA3 and FA4 return (out, lse)
+    return out, None  # FA3 returns (out, lse)
 
 
 def fake_causal(q, k, v, causal):
@@ -171,7 +171,7 @@ def test_a_document_scores_the_same_whatever_precedes_it(kernel, name):
         ids = torch.tensor([stream])
         x, y, docs = tg.device_batch(ids[:, :-1], ids[:, 1:], "cpu", 128)
         with torch.no_grad():
-            return model(x, y, reduction="none", docs=docs)
+            return model(x, y, reduction="none", segments=docs)
 
     alone = nll(doc + [5])
     for before in others:
@@ -190,33 +190,36 @@ def test_no_attention_call_gets_a_dense_mask(tiny_data_8192, tmp_path, monkeypat
 
     plain = tg.attention
 
-    def checked_attention(q, k, v, docs=None):
-        seen.append(type(docs).__name__)
-        assert docs is None or (isinstance(docs, tuple) and docs[0].dim() == 1 and isinstance(docs[1], int))
-        return plain(q, k, v, docs)
+    def checked_attention(q, k, v, segments=None):
+        seen.append(type(segments).__name__)
+        assert segments is None or (isinstance(segments, tuple) and segments[0].dim() == 1
+                                    and isinstance(segments[1], int))
+        return plain(q, k, v, segments)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", checked_sdpa)
     monkeypatch.setattr(tg, "attention", checked_attention)
     env = {"PRESET": "record", "NUM_LAYERS": "2", "NUM_LOOPS": "1", "LOOP_START": "0", "LOOP_END": "1",
            "PARALLEL_START": "1", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "128",
            "EVAL_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "1024", "GRAD_ACCUM_STEPS": "1", "DATA_PATH": tiny_data_8192,
-           "GPTQ_CALIB_BATCHES": "1", "EVAL_BATCH_SEQS": "4", "TTT_DOC_BATCH": "2", "TTT_PREFIX_DOCS": "2",
-           "TTT_PHASES": "1", "TTT_CHUNK_TOKENS": "256", "TTT_BATCH_SEQS": "2"}
+           "GPTQ_CALIB_BATCHES": "1", "EVAL_BATCH_SEQS": "4", "TTT_DOC_BATCH": "2", "TTT_PHASES": "1",
+           "TTT_CHUNK_TOKENS": "256"}
+    monkeypatch.setattr(tg, "TTT_PREFIX_DOCS", 2)
+    monkeypatch.setattr(tg, "TTT_BATCH_SEQS", 2)
     hp = tg.Hyperparameters.from_env(env)
     rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "log.txt"))
-    assert tg.select_attention(hp, rt.device) == "sdpa"
+    assert tg.select_attention(hp, rt) == ("sdpa", [])
     model = tg.GPT(hp)
     loader = tg.DistributedTokenLoader(tg.shard_files(str(tiny_data_8192), "train"), hp, 0, 1, rt.device)
-    tg.train_step(model, tg.build_optimizers(model, hp, 1), loader, hp, rt, 1, 1.0)
+    tg.train_step(model, tg.build_optimizers(model, hp, 1), loader, rt, 1, 1.0)
     tg.collect_hessians(model, hp, rt)
     assert set(seen) == {"tuple"}  # training and Hessians: segments
     val = tg.load_val_tokens(tg.dataclasses.replace(hp, val_max_tokens=600))
-    luts = (torch.ones(1024 * 8, dtype=torch.long), torch.zeros(1024 * 8, dtype=torch.bool),
-            torch.zeros(1024 * 8, dtype=torch.bool))
-    tg.eval_sliding(model, val, hp, rt, luts)
-    tg.eval_ttt(model, val, tg.dataclasses.replace(hp, ttt_mode="chunk"), rt, luts, time.perf_counter())
+    tables = tg.ByteTables(torch.ones(1024 * 8, dtype=torch.long), torch.zeros(1024 * 8, dtype=torch.bool),
+                         torch.zeros(1024 * 8, dtype=torch.bool))
+    tg.eval_sliding(model, val, hp, rt, tables)
+    tg.eval_ttt(model, val, tg.dataclasses.replace(hp, ttt_mode="chunk"), rt, tables, time.perf_counter())
     seen.clear()
-    *_, adapted, n = tg.eval_ttt(model, val, hp, rt, luts, time.perf_counter())
+    *_, adapted, n = tg.eval_ttt(model, val, hp, rt, tables, time.perf_counter())
     assert adapted == n > 0
     assert "NoneType" in seen  # phased TTT's document rows: plain causal attention (a row is one document)
 
@@ -226,12 +229,12 @@ def test_flash_builds_are_detected_at_import(tmp_path):
     (tmp_path / "flash_attn_interface.py").write_text("def flash_attn_func(*a, **k): pass\n"
                                                       "def flash_attn_varlen_func(*a, **k): pass\n")
     code = ("import torch, train_gpt_human as tg; hp = tg.Hyperparameters(doc_isolation=1); "
-            "print(list(tg.FLASH), tg.select_attention(hp, torch.device('cpu')))")
+            "rt = tg.Runtime(0, 1, torch.device('cpu'), 'log.txt'); print(list(tg.FLASH), tg.select_attention(hp, rt)[0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={"PYTHONPATH": f"{tmp_path}:{REPO}", "PATH": "/usr/bin:/bin"})
     assert out.stdout.split() == ["['fa3']", "sdpa"], out.stderr[-2000:]
     with pytest.raises(tg.ConfigError, match="ATTN_KERNEL=flex needs CUDA"):
-        tg.select_attention(tg.Hyperparameters(attn_kernel="flex"), torch.device("cpu"))
+        tg.select_attention(tg.Hyperparameters(attn_kernel="flex"), tg.Runtime(0, 1, torch.device("cpu"), "log.txt"))
 
 
 def test_resid_mix_is_per_channel_trains_and_round_trips(tiny_data, tmp_path):
@@ -246,7 +249,7 @@ def test_resid_mix_is_per_channel_trains_and_round_trips(tiny_data, tmp_path):
     opt = tg.build_optimizers(model, hp, 1)
     loader = tg.DistributedTokenLoader(tg.shard_files(str(tiny_data), "train"), hp, 0, 1, rt.device)
     for _ in range(3):
-        tg.train_step(model, opt, loader, hp, rt, 1, 1.0)
+        tg.train_step(model, opt, loader, rt, 1, 1.0)
     mix = model.blocks[1].resid_mix.detach()
     assert mix[0].std() > 1e-4 and mix[1].std() > 1e-4  # the channels learned different mixes
     hessians = tg.collect_hessians(model, hp, rt)
@@ -256,7 +259,7 @@ def test_resid_mix_is_per_channel_trains_and_round_trips(tiny_data, tmp_path):
 
 def test_rope_base_scales_as_1089_for_the_seed_only():
     def angles(hp, T):
-        rot = tg.Rotary(hp.rope_dims, hp.rope_base, hp.rope_ntk_len)
+        rot = tg.Rotary(tg.ROPE_DIMS, tg.ROPE_BASE, hp.rope_ntk_len)
         x = torch.zeros(1, T, 1, 64)
         x[..., 1] = 1.0  # (1, 0) in the second rotated pair (frequency base^(-2/16)): out (cos, sin) of its angle
         y = rot(x)
@@ -288,9 +291,9 @@ def test_init_follows_each_reference():
 
 
 def test_late_qat_is_1089s(monkeypatch):
-    monkeypatch.setattr(tg.BankLinear, "qat_enabled", True)
-    monkeypatch.setattr(tg.BankLinear, "qat_bits", 5)
-    monkeypatch.setattr(tg.BankLinear, "qat_alpha", torch.tensor(4.0))
+    assert tg.QAT_QMAX == 15  # int5
+    monkeypatch.setattr(tg.LateQAT, "enabled", True)
+    monkeypatch.setattr(tg.LateQAT, "alpha", torch.tensor(4.0))
     w = torch.tensor([[0.30, -0.25, 0.01, 0.1], [3.0, -1.5, 0.7, 2.2]], requires_grad=True)
     step = torch.tensor([[1 / 15], [0.9995 * 3.0 / 15]])  # row 0: the 1/15 floor; row 1: 0.9995 row-max / 15
     scaled = (w.detach() / step).clamp(-16, 15)
@@ -309,7 +312,7 @@ def test_late_qat_is_1089s(monkeypatch):
         model.engram.proj.normal_(std=0.3)
     ids = torch.randint(2, 1024, (1, 16))
     on = model.engram(ids)
-    monkeypatch.setattr(tg.BankLinear, "qat_enabled", False)
+    monkeypatch.setattr(tg.LateQAT, "enabled", False)
     assert not torch.allclose(on, model.engram(ids), atol=1e-4)  # EngramLite's projection is fake-quantised too
 
 
@@ -338,7 +341,7 @@ def test_one_compiled_graph_for_every_cu_seqlens_length(kernel, monkeypatch):
         ids[0, torch.linspace(0, 1023, n_docs).long()] = B_
         x, y, docs = tg.device_batch(ids[:, :-1], ids[:, 1:], "cpu", 2048)
         with torch.no_grad():
-            assert torch.allclose(compiled(x, y, docs=docs), model(x, y, docs=docs))
+            assert torch.allclose(compiled(x, y, segments=docs), model(x, y, segments=docs))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
@@ -360,8 +363,10 @@ def test_ttt_warm_up_compiles_every_graph_the_timed_eval_uses(kernel, monkeypatc
     """Phased TTT compiled with dynamic shapes (FA3 stand-in, eager backend): after warm_up_ttt on random tokens, the
     timed eval of other documents (batches of 4, 1-row steps, a global phase) compiles nothing more.  A warm-up on
     1-row batches, or with smaller adapters, left 2 recompiles on the eval clock (a size of 1 specialises; the
-    adapters' shapes are static)."""
-    from test_ttt_legality import synthetic_luts
+    adapters' shapes are static).  Four graphs: many-row and 1-row adapter steps, the global phase's
+    training step and the no-grad sliding pass that scores the queue's tail once the budget guard stops
+    adapting."""
+    from test_ttt_legality import synthetic_tables
 
     monkeypatch.setitem(tg.FLASH, "fa3", (fake_causal, lambda q, k, v, cu_seqlens_q, **_: traced_varlen(q, k, v,
                                                                                                    cu_seqlens_q)))
@@ -371,17 +376,51 @@ def test_ttt_warm_up_compiles_every_graph_the_timed_eval_uses(kernel, monkeypatc
     hp = tg.Hyperparameters.from_env({"PRESET": "record", "NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "2",
                                       "PARALLEL_START": "3", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
                                       "VOCAB_SIZE": "1024", "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128",
-                                      "TTT_DOC_BATCH": "4", "TTT_PREFIX_DOCS": "4", "TTT_PAUSE_RANKS": "1"})
+                                      "TTT_DOC_BATCH": "4"})
+    monkeypatch.setattr(tg, "TTT_PREFIX_DOCS", 4)
+    monkeypatch.setattr(tg, "TTT_PAUSE_RANKS", 1)
     rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "log.txt"))
     torch.manual_seed(0)
     model = tg.GPT(hp)
     compiled = torch.compile(model, dynamic=True, backend="eager")
-    tg.warm_up_ttt(compiled, hp, rt, synthetic_luts())
+    tg.warm_up_ttt(compiled, hp, rt, synthetic_tables())
     warmed = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     g = torch.Generator().manual_seed(1)
     parts = [torch.cat([torch.tensor([B_]), torch.randint(2, 1024, (n - 1,), generator=g)])
              for n in torch.randint(20, 300, (13,), generator=g).tolist()]
     tokens = torch.cat(parts + [torch.tensor([B_])])
-    *_, adapted, batches = tg.eval_ttt(compiled, tokens, hp, rt, synthetic_luts(), time.perf_counter())
+    *_, adapted, batches = tg.eval_ttt(compiled, tokens, hp, rt, synthetic_tables(), time.perf_counter())
     assert adapted == batches == 4 and "ttt:segment 3/3" in (tmp_path / "log.txt").read_text()
-    assert warmed == 3 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == warmed
+    assert warmed == 4 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == warmed
+
+
+class CudaLikeRuntime(tg.Runtime):
+    """A CPU runtime that select_attention treats as CUDA: every candidate kernel is tried."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+    def sync(self):
+        pass
+
+
+def test_attention_falls_back_to_the_first_kernel_that_passes_its_probe(monkeypatch, tmp_path):
+    """On 'CUDA' with documents: FA3 that raises, then flex (no backward on the CPU), then SDPA, which runs; the
+    failures are returned for the log, each naming its kernel and error.  ATTN_KERNEL forces one and fails loudly."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setitem(tg.FLASH, "fa3", (broken, broken))
+    monkeypatch.setattr(torch.backends.cuda, "enable_math_sdp", lambda on: None)
+    monkeypatch.setitem(tg.ATTENTION, "flex", tg.flex_attention)
+    rt = CudaLikeRuntime(0, 1, torch.device("cpu"), str(tmp_path / "log.txt"))
+    hp = tg.Hyperparameters(doc_isolation=1, compile=0)
+    kernel, failures = tg.select_attention(hp, rt)
+    assert kernel == "sdpa" and tg.ATTENTION["kernel"] == "sdpa"
+    assert [f.split(":")[0] for f in failures] == ["fa3", "flex"]
+    assert "no kernel image" in failures[0]
+    assert tg.select_attention(tg.Hyperparameters(compile=0), rt) == ("sdpa", ["fa3: RuntimeError: no kernel image "
+                                                                             "is available for execution on the device"])
+    with pytest.raises(tg.ConfigError, match="fa3: RuntimeError: no kernel image"):
+        tg.select_attention(tg.Hyperparameters(attn_kernel="fa3", compile=0), rt)

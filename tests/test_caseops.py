@@ -21,6 +21,7 @@ import fineweb as fw
 
 FINEWEB_PY = REPO / "data" / "fineweb.py"
 TOK_CASEOPS = SHARED / "tokenizers" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+TOK_PLAIN = SHARED / "tokenizers" / "fineweb_8192_bpe.model"
 DATASET = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
 T, A, C, E = "\ue001", "\ue002", "\ue003", "\ue004"  # TITLE, ALLCAPS, CAPNEXT, ESC
 BOM_DOCS = [2212, 2879, 2917, 3112]  # the shared corpus documents that start with U+FEFF
@@ -278,6 +279,86 @@ def test_check_catches_the_issue_2127_leak(built, tmp_path):
     assert "leak: fineweb_train_000000.bin holds" in p.stdout
     assert "leaked_docs:30" in p.stdout
     assert cli("check", mixed, "--max-leaked", 30).returncode == 0
+
+
+# ----------------------------------------------------------------------------- the two bpb denominators
+
+RATIO_LINE = re.compile(r"caseops val bytes: sidecar (\d+), plain sp8192 table (\d+), ratio M/N = ([0-9.]+) "
+                        r"\(compare bpb only over one denominator; README \"CaseOps\"\)")
+
+
+def need_plain():
+    need_caseops()
+    if not TOK_PLAIN.is_file():
+        pytest.skip(f"needs the plain sp8192 tokenizer {TOK_PLAIN}: absent here")
+
+
+def official_plain_bytes(sp, docs) -> int:
+    """Written out piece by piece, apart from fineweb.py: the bytes the official scorer counts for ``docs``
+    tokenized with the plain tokenizer, each after a BOS (a '▁' piece adds 1 unless after a boundary)."""
+    def boundary(t):
+        return sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t)
+
+    total = 0
+    for doc in docs:
+        prev = sp.bos_id()
+        for i in sp.encode(doc):
+            piece = sp.id_to_piece(i)
+            if sp.is_byte(i):
+                total += 1
+            elif not boundary(i):
+                space = piece.startswith("\u2581")
+                total += len(piece[space:].encode()) + (space and not boundary(prev))
+            prev = i
+    return total
+
+
+def test_plain_byte_tables_are_the_scorers(sp):
+    need_plain()
+    import train_gpt_human as tg
+
+    plain = fw.load_tokenizer(TOK_PLAIN)
+    tables = tg.build_byte_tables(plain, plain.get_piece_size())
+    assert all(np.array_equal(t.numpy(), mine) for t, mine in zip(tables[:3], fw.plain_byte_tables(plain)))
+    # "\n\n" is 2 original bytes in the sidecar but folds to one '▁' (1 byte) for the plain tokenizer
+    assert plain.encode("a\n\nb", out_type=str) == ["a", "\u2581b"]
+    assert fw.plain_table_bytes(plain, ["a\n\nb", " x"]) == 3 + 1  # "x": first piece after BOS, no space
+    (ids, nbytes), = fw.caseops_tokenize(sp, ["a\n\nb"])
+    assert int(nbytes.sum()) == 4
+
+
+def test_build_and_check_print_the_plain_table_ratio(tmp_path):
+    need_plain()
+    out = tmp_path / "ds"
+    r = cli("build", "--caseops", "--docs", CORPUS, "--tokenizer", TOK_CASEOPS, "--out", out,
+            "--max-docs", 24, "--val-docs", 20)
+    assert r.returncode == 0, r.stderr
+    m = RATIO_LINE.search(r.stdout)
+    assert m, r.stdout
+    sidecar, plain, printed = int(m[1]), int(m[2]), float(m[3])
+    docs = list(fw.iter_docs(CORPUS, 20))
+    want_plain = official_plain_bytes(fw.load_tokenizer(TOK_PLAIN), docs)
+    want_sidecar = sum(len(d.encode()) - _dropped_at_edges(d) for d in docs)
+    assert (sidecar, plain) == (want_sidecar, want_plain)
+    assert sidecar == sum(int(fw.read_shard(p).sum(dtype=np.int64)) for p in out.glob("fineweb_val_bytes_*"))
+    assert abs(plain / sidecar - want_plain / want_sidecar) < 1e-9 and abs(printed - plain / sidecar) < 5e-7
+    assert 0.85 < printed < 1
+    # check --plain-ratio reads the same documents back from the shards (decoded) and prints the same line
+    k = cli("check", out, "--plain-ratio", TOK_PLAIN)
+    assert k.returncode == 0, k.stderr
+    assert RATIO_LINE.search(k.stdout)[0] == m[0]
+    assert "caseops val bytes" not in cli("check", out).stdout  # opt-in
+    # no plain tokenizer beside the CaseOps one: one line, no ratio, the build still succeeds
+    lone = tmp_path / "tok"
+    lone.mkdir()
+    shutil.copy(TOK_CASEOPS, lone / TOK_CASEOPS.name)
+    r = cli("build", "--caseops", "--docs", CORPUS, "--tokenizer", lone / TOK_CASEOPS.name, "--out", out,
+            "--max-docs", 3, "--val-docs", 2)
+    assert r.returncode == 0, r.stderr
+    assert f"plain tokenizer {lone / fw.PLAIN_TOKENIZER} not found" in r.stdout
+    assert not RATIO_LINE.search(r.stdout)
+    k = cli("check", out, "--plain-ratio", TOK_PLAIN, "--caseops-tokenizer", lone / "missing.model")
+    assert k.returncode != 0 and "CaseOps tokenizer not found" in k.stderr
 
 
 def _stream(docs):

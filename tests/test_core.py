@@ -16,10 +16,10 @@ SCRIPT = REPO / "train_gpt_human.py"
 
 @pytest.fixture
 def no_qat():
-    """BankLinear's late-QAT switch is class-global: make sure no test leaks it to another."""
-    tg.BankLinear.qat_enabled = False
+    """Late QAT's switch is class-global: make sure no test leaks it to another."""
+    tg.LateQAT.enabled = False
     yield
-    tg.BankLinear.qat_enabled = False
+    tg.LateQAT.enabled = False
 
 
 def tiny_hp(tiny_data, **overrides):
@@ -110,16 +110,16 @@ def test_turbo_muon_update_column_normalised(shape):
 def test_tiny_training_lowers_val_bpb(tiny_data, tmp_path, one_thread, no_qat):
     hp = tiny_hp(tiny_data, ITERATIONS=60, WARMDOWN_ITERS=15)
     rt = cpu_runtime(tmp_path)
-    luts = tg.build_byte_luts(tg.load_tokenizer(hp), hp.vocab_size)
+    tables = tg.build_byte_tables(tg.load_tokenizer(hp), hp.vocab_size)
     val = tg.load_val_tokens(hp)
     assert len(val) == 8193
     torch.manual_seed(hp.seed)
     model = tg.GPT(hp)
-    loss0, bpb0 = tg.eval_full(model, val, hp, rt, luts)
+    loss0, bpb0 = tg.eval_full(model, val, hp, rt, tables)
     assert abs(loss0 - math.log(1024)) < 0.05  # the init predicts nearly uniformly
-    tg.train(model, hp, rt, val, luts)
-    assert not tg.BankLinear.qat_enabled  # train() switches late QAT back off
-    loss1, bpb1 = tg.eval_full(model, val, hp, rt, luts)
+    tg.train(model, hp, rt)
+    assert not tg.LateQAT.enabled  # train() switches late QAT back off
+    loss1, bpb1 = tg.eval_full(model, val, hp, rt, tables)
     log = (tmp_path / "log.txt").read_text()
     assert "late_qat:enabled" in log and "training_done steps:60" in log
     # measured (1 thread): val_bpb 5.0998 -> 4.0193, val_loss 6.9258 -> 5.4584 after 60 steps
@@ -135,12 +135,12 @@ def test_tiny_training_lowers_val_bpb(tiny_data, tmp_path, one_thread, no_qat):
 def test_eval_stride_seq_len_equals_hand_computed_full_eval(tiny_data, tmp_path, one_thread):
     hp = tiny_hp(tiny_data)
     rt = cpu_runtime(tmp_path)
-    luts = tg.build_byte_luts(tg.load_tokenizer(hp), hp.vocab_size)
+    tables = tg.build_byte_tables(tg.load_tokenizer(hp), hp.vocab_size)
     val = tg.load_val_tokens(hp)
     L = hp.eval_seq_len
     assert (len(val) - 1) % L == 0  # 8192 predictions = 64 whole sequences, nothing left out
     model = noisy_model(hp)
-    base, space, boundary = luts
+    base, space, boundary = tables[:3]
     nll_sum, n_tok, n_bytes, per_token = 0.0, 0, 0, []
     with torch.no_grad():
         for s in range(0, len(val) - 1, L):
@@ -152,10 +152,11 @@ def test_eval_stride_seq_len_equals_hand_computed_full_eval(tiny_data, tmp_path,
             n_bytes += int((base[y] + (space[y] & ~boundary[x]).long()).sum())
     assert torch.cat(per_token).std() > 0.5  # the model is far from uniform: the comparison has teeth
     hand_loss, hand_bpb = nll_sum / n_tok, nll_sum / math.log(2) / n_bytes
-    for loss, bpb in (tg.eval_sliding(model, val, hp, rt, luts, stride=L), tg.eval_full(model, val, hp, rt, luts)):
+    both = (tg.eval_sliding(model, val, hp, rt, tables, stride=L), tg.eval_full(model, val, hp, rt, tables))
+    for loss, bpb in both:
         assert loss == pytest.approx(hand_loss, rel=1e-6) and bpb == pytest.approx(hand_bpb, rel=1e-6)
     windows = tg.make_windows(0, len(val) - 1, L, L)
-    totals = tg.score_windows(model, val, windows, hp, rt, luts)
+    totals = tg.score_windows(model, val, windows, hp, rt, tables)
     assert int(totals[1]) == n_tok == 8192 and int(totals[2]) == n_bytes
 
 
@@ -174,20 +175,21 @@ def check_tiling(windows, begin, end, seq_len, stride):
     assert (seen[begin:end] == 1).all() and (seen[:begin] == 0).all()
 
 
-def test_sliding_windows_score_every_prediction_once_with_context(tiny_data, tmp_path, one_thread):
+def test_sliding_windows_score_every_prediction_once_with_context(tiny_data, tmp_path, one_thread,
+                                                                   scored_counts):
     hp = tiny_hp(tiny_data)
     rt = cpu_runtime(tmp_path)
-    luts = tg.build_byte_luts(tg.load_tokenizer(hp), hp.vocab_size)
+    tables = tg.build_byte_tables(tg.load_tokenizer(hp), hp.vocab_size)
     val = tg.load_val_tokens(hp)
     P, L, stride = len(val) - 1, hp.eval_seq_len, 64
     windows = tg.make_windows(0, P, L, stride)
     check_tiling(windows, 0, P, L, stride)
     assert len(windows) == 1 + (P - L) // stride
-    counts = torch.zeros(P, dtype=torch.long)
-    totals = tg.score_windows(noisy_model(hp), val, windows, hp, rt, luts, counts=counts)
+    counts = scored_counts(P)
+    totals = tg.score_windows(noisy_model(hp), val, windows, hp, rt, tables)
     assert int(counts.min()) == int(counts.max()) == 1
     assert int(totals[1]) == P
-    assert int(totals[2]) == int(tg.token_bytes(luts, val[:-1], val[1:]).sum())
+    assert int(totals[2]) == int(tg.token_bytes(tables, val[:-1], val[1:]).sum())
     # the chunked form TTT uses (chunk ends not multiples of the stride, a short last chunk)
     for begin, end in [(0, 2000), (2000, 4000), (4000, 6000), (6000, 8000), (8000, 8150)]:
         check_tiling(tg.make_windows(begin, end, L, stride), begin, end, L, stride)
@@ -204,8 +206,8 @@ def corpus_docs(n):
     return list(fineweb.iter_docs(CORPUS, max_docs=n))
 
 
-def test_byte_luts_match_decoded_text_sp8192():
-    """sp8192 has byte fallback: no unknown tokens, and the LUT bytes equal the UTF-8 length of the decoded
+def test_byte_tables_match_decoded_text_sp8192():
+    """sp8192 has byte fallback: no unknown tokens, and the table bytes equal the UTF-8 length of the decoded
     text exactly.  (The decoded text is the tokenizer's normalised text -- newlines and runs of spaces become
     one space, NFKC -- so it is shorter than the raw document: measured 460290 vs 495121 bytes over 50 docs.)"""
     require_shared()
@@ -215,21 +217,21 @@ def test_byte_luts_match_decoded_text_sp8192():
 
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER_8192))
     assert sum(sp.is_byte(i) for i in range(sp.vocab_size())) == 256
-    luts = tg.build_byte_luts(sp, 8192)
+    tables = tg.build_byte_tables(sp, 8192)
     total_lut = total_raw = 0
     for text in corpus_docs(50):
         ids = torch.tensor([tg.BOS_ID] + sp.encode(text))
         assert int((ids == sp.unk_id()).sum()) == 0
-        nbytes = int(tg.token_bytes(luts, ids[:-1], ids[1:]).sum())
+        nbytes = int(tg.token_bytes(tables, ids[:-1], ids[1:]).sum())
         assert nbytes == len(sp.decode(ids[1:].tolist()).encode("utf-8"))
         total_lut, total_raw = total_lut + nbytes, total_raw + len(text.encode("utf-8"))
     assert 0.85 * total_raw < total_lut < total_raw
 
 
-def test_byte_luts_match_decoded_text_sp1024():
+def test_byte_tables_match_decoded_text_sp1024():
     """sp1024 has no byte fallback: characters outside its vocabulary (newlines, many symbols) become the
     unknown id 3, which counts 0 bytes -- and a space-marked token right after it gets no space byte, as
-    after BOS.  sp.decode renders each unknown as ' \u2047 ', so the LUT sum is smaller than the decoded
+    after BOS.  sp.decode renders each unknown as ' \u2047 ', so the tables' sum is smaller than the decoded
     text; what is exactly true is that it equals the bytes of the decoded runs *between* unknown tokens,
     each decoded on its own (decoding a run drops its leading space marker, like a boundary does)."""
     require_shared()
@@ -237,12 +239,12 @@ def test_byte_luts_match_decoded_text_sp1024():
 
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER_1024))
     assert sp.unk_id() == 3 and not any(sp.is_byte(i) for i in range(sp.vocab_size()))
-    luts = tg.build_byte_luts(sp, 1024)
+    tables = tg.build_byte_tables(sp, 1024)
     unknowns = 0
     for text in corpus_docs(50):
         ids = [tg.BOS_ID] + sp.encode(text)
         t = torch.tensor(ids)
-        nbytes = int(tg.token_bytes(luts, t[:-1], t[1:]).sum())
+        nbytes = int(tg.token_bytes(tables, t[:-1], t[1:]).sum())
         runs, n_unk = [[]], 0
         for i in ids[1:]:
             if i == sp.unk_id():
@@ -330,50 +332,50 @@ def test_non_finite_loss_names_step_and_last_good_loss(tiny_data, tmp_path, one_
     model = tg.GPT(hp)
     forward, calls = model.forward, []
 
-    def poisoned(ids, targets, reduction="mean", docs=None):  # NaN from the 5th step on
+    def poisoned(ids, targets, reduction="mean", segments=None, tilt=None):  # NaN from the 5th step on
         calls.append(1)
-        out = forward(ids, targets, reduction, docs)
+        out = forward(ids, targets, reduction, segments, tilt)
         return out * float("nan") if len(calls) >= 5 else out
 
     monkeypatch.setattr(model, "forward", poisoned)
     with pytest.raises(FloatingPointError) as err:
-        tg.train(model, hp, rt, None, None)
-    last_good = [line for line in (tmp_path / "log.txt").read_text().splitlines() if line.startswith("step:4/")]
+        tg.train(model, hp, rt)
+    log = (tmp_path / "log.txt").read_text().splitlines()
+    last_good = [line for line in log if line.startswith("step:4/")]
     assert last_good, "step 4 should have been logged"
     good_loss = last_good[0].split("train_loss:")[1].split()[0]
-    assert str(err.value) == (f"non-finite train loss nan at step 6 (last good loss {good_loss}); "
+    # the first bad step is named; the loop stops at the next shared clock read (every CLOCK_EVERY = 8 steps)
+    assert str(err.value) == (f"non-finite train loss at step 5 (last finite logged loss {good_loss}); "
                               f"lower the learning rates or check the data")
+    assert [line.split()[0] for line in log if line.startswith("step:")][-1] == "step:8/20" and len(calls) == 8
 
 
 @pytest.mark.parametrize("env, message", [
     ({"NUM_LAYERS": "abc"}, "NUM_LAYERS='abc' is not a valid int"),
     ({"ITERATIONS": "1.5"}, "ITERATIONS='1.5' is not a valid int"),
     ({"MATRIX_LR": "fast"}, "MATRIX_LR='fast' is not a valid float"),
-    ({"NUM_LAYERS": "0"}, "NUM_LAYERS must be > 0, got 0"),
-    ({"TRAIN_SEQ_LEN": "-5"}, "TRAIN_SEQ_LEN must be > 0, got -5"),
+    ({"NUM_LAYERS": "0"}, "NUM_LAYERS must be >= 1, got 0"),
+    ({"TRAIN_SEQ_LEN": "-5"}, "TRAIN_SEQ_LEN must be >= 1, got -5"),
     ({"ITERATIONS": "-1"}, "ITERATIONS must be >= 0, got -1"),
     ({"EMA_DECAY": "1.5"}, r"EMA_DECAY must be in \[0, 1\], got 1.5"),
-    ({"EMA_DECAY": "nan"}, r"EMA_DECAY must be a finite number, got nan"),
-    ({"MATRIX_LR": "-1"}, r"MATRIX_LR must be >= 0, got -1"),
-    ({"TTT_LR": "inf"}, r"TTT_LR must be a finite number, got inf"),
-    ({"DEVICE": "tpu"}, "DEVICE must be 'cpu' or 'cuda', got 'tpu'"),
-    ({"TTT_OPTIMIZER": "adam"}, "TTT_OPTIMIZER must be one of muon, sgd, got 'adam'"),
-    ({"TTT_MODE": "doc"}, "TTT_MODE must be one of chunk, phased, got 'doc'"),
-    ({"TTT_GLOBAL_OPTIMIZER": "adamw"}, "TTT_GLOBAL_OPTIMIZER must be one of sgd, muon, got 'adamw'"),
-    ({"TTT_LORA_OPTIMIZER": "sgd"}, "TTT_LORA_OPTIMIZER must be one of adamw, muon, got 'sgd'"),
-    ({"TTT_DOC_CHUNK": "0"}, "TTT_DOC_CHUNK must be > 0, got 0"),
-    ({"TTT_DOC_CHUNK": "64", "EVAL_SEQ_LEN": "32", "EVAL_STRIDE": "32"}, "TTT_DOC_CHUNK=64 must be <= EVAL_SEQ_LEN=32"),
-    ({"TTT_LORA_RANK": "-8"}, "TTT_LORA_RANK must be > 0, got -8"),
+    ({"EMA_DECAY": "nan"}, r"EMA_DECAY must be in \[0, 1\], got nan"),
+    ({"MATRIX_LR": "-1"}, r"MATRIX_LR must be >= 0, got -1.0$"),
+    ({"TTT_LR": "inf"}, r"TTT_LR must be >= 0, got inf"),
+    ({"COMPILE": "2"}, r"COMPILE must be in \[-1, 1\], got 2"),
+    ({"LEAKY_SLOPE": "-2"}, r"LEAKY_SLOPE must be >= -1, got -2.0"),
+    ({"DEVICE": "tpu"}, r"DEVICE must be one of \('', 'cpu', 'cuda'\), got 'tpu'"),
+    ({"TTT_MODE": "doc"}, r"TTT_MODE must be one of \('chunk', 'phased'\), got 'doc'"),
     ({"TTT_PHASES": "-1"}, "TTT_PHASES must be >= 0, got -1"),
-    ({"TTT_GLOBAL_LR": "-0.001"}, "TTT_GLOBAL_LR must be >= 0, got -0.001"),
+    ({"MATRIX_BITS": "9"}, r"MATRIX_BITS must be in \[2, 8\], got 9"),
+    ({"EMBED_BITS": "1"}, r"EMBED_BITS must be 0 \(an int8 table\) or 2..8"),
     ({"MODEL_DIM": "100", "NUM_HEADS": "8"}, "MODEL_DIM=100 must split into NUM_HEADS=8 even-sized heads"),
     ({"NUM_HEADS": "6", "NUM_KV_HEADS": "4", "MODEL_DIM": "96"}, "NUM_HEADS=6 must be a multiple of NUM_KV_HEADS=4"),
-    ({"ROPE_DIMS": "15"}, "ROPE_DIMS=15 must be even"),
-    ({"QAT_BITS": "9"}, "MATRIX_BITS and QAT_BITS must be in 2..8"),
-    ({"AWQ_GROUP_SIZE": "0"}, "AWQ_GROUP_SIZE must be > 0, got 0"),
     ({"QUANT_MODE": "mixed"}, "unknown setting QUANT_MODE='mixed'"),
-    ({"VE_LAYERS": "1,x"}, "VE_LAYERS='1,x' must be a comma list"),
-    ({"VE_LAYERS": "11"}, r"VE_LAYERS='11' has an index outside 0..10"),
+    # removed settings (now constants or gone) are unknown: an old command line fails instead of being ignored
+    ({"TTT_OPTIMIZER": "sgd"}, "unknown setting TTT_OPTIMIZER='sgd'"),
+    ({"TTT_DOC_CHUNK": "32"}, "unknown setting TTT_DOC_CHUNK='32'"),
+    ({"VE_LAYERS": "1"}, "unknown setting VE_LAYERS='1'"),
+    ({"MUON_BACKEND_STEPS": "5"}, "unknown setting MUON_BACKEND_STEPS='5'"),
     ({"TTT_EPOCH": "2"}, r"unknown setting TTT_EPOCH='2': did you mean TTT_EPOCHS\?"),
     ({"MATRIX_LRR": "0.1"}, r"unknown setting MATRIX_LRR='0.1': did you mean MATRIX_LR\?"),
     ({"GPTQ_FOO": "1"}, "unknown setting GPTQ_FOO='1': see README.md"),

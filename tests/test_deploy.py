@@ -76,7 +76,9 @@ FAKE_PIP = """#!/bin/sh
 echo "$PWD $*" >> "$PIP_LOG"
 """
 
-# Fake run.sh: writes a spec-format log; FAKE_MODE=crash|hang changes the ending.
+# Fake run.sh: writes a log in the trainer's format (code_sha256 of the uploaded train_gpt.py, config,
+# val_tokens of the full sp1024 set, train+hessians, eval_phase_time); FAKE_MODE=crash|hang|stall changes
+# the ending (stall: waits 30 s before its final lines); FAKE_CRASH_SEED=S crashes only seed S.
 FAKE_RUN = r"""#!/usr/bin/env bash
 set -u
 echo "SEED=${SEED:-} RUN_ID=${RUN_ID:-} A=${A:-} B=${B:-} TTT_ENABLED=${TTT_ENABLED:-}" > "env_seen_${SEED}.txt"
@@ -86,12 +88,20 @@ say() { echo "$1"; echo "$1" >> "$LOG"; }
 # loss depends on the seed so that summaries differ per seed
 d=$(( SEED % 7 ))
 say "seed:${SEED}"
+say "code_sha256:$(sha256sum train_gpt.py | cut -c1-16) python:3.12.3 torch:2.9.1+cu128 brotli:True"
+say "config: preset=seed vocab_size=1024 run_id=${RUN_ID} seed=${SEED} val_max_tokens=0 \
+ttt_enabled=${TTT_ENABLED:-1}"
+say "val_tokens:62021846 val_docs:50000 train_shards:80 bytes:tokenizer"
 say "world_size:8 grad_accum_steps:1 device:cuda"
 say "model_params:27000000"
 say "step:0/200 val_loss:6.9300 val_bpb:4.1000 train_time:0ms step_avg:0.01ms"
 say "step:100/200 train_loss:3.1234 train_time:8700ms step_avg:87.00ms"
 say "step:200/200 val_loss:2.0123 val_bpb:1.1918 train_time:17400ms step_avg:87.00ms"
-if [ "${FAKE_MODE:-}" = crash ]; then echo "Traceback: boom" >&2; exit 3; fi
+if [ "${FAKE_MODE:-}" = crash ] || [ "${FAKE_CRASH_SEED:-}" = "$SEED" ]; then
+  echo "Traceback: boom" >&2; exit 3
+fi
+if [ "${FAKE_MODE:-}" = stall ]; then sleep 30; fi
+say "gptq:hessians batches:64 time:3000ms reserve:12000ms train+hessians:20400ms cap:600000ms within_cap:True"
 say "peak memory allocated: 21034 MiB reserved: 22050 MiB"
 say "final_prequant_exact val_loss:1.9345678${d} val_bpb:1.1456789${d}"
 say "Serialized model int6+brotli: 15912345 bytes"
@@ -102,6 +112,7 @@ say "final_int6_sliding_window_exact val_loss:1.9200000${d} val_bpb:1.1370000${d
 if [ "${TTT_ENABLED:-1}" != 0 ]; then
   say "final_int6_ttt_exact val_loss:1.88${d}00000 val_bpb:1.11${d}00000 eval_time:412345ms chunks_adapted:1892/1893"
 fi
+say "eval_phase_time:493.6s (timed: sliding and TTT)"
 if [ "${FAKE_MODE:-}" = hang ]; then sleep 30; fi
 exit 0
 """
@@ -126,7 +137,8 @@ class Sandbox:
             d.mkdir(parents=True, exist_ok=True)
         for s in SCRIPTS:
             shutil.copy2(REPO / s, self.repo / s)
-        shutil.copy2(REPO / "tools" / "summarize_logs.py", self.repo / "tools" / "summarize_logs.py")
+        for tool in ("summarize_logs.py", "record_folder.py"):
+            shutil.copy2(REPO / "tools" / tool, self.repo / "tools" / tool)
         (self.repo / "train_gpt.py").write_text("print('fake compressed trainer')\n")
         (self.repo / "requirements.txt").write_text("numpy\n")
         (self.repo / "data" / "fineweb.py").write_text("# fake data downloader\n")
@@ -140,7 +152,8 @@ class Sandbox:
         env = {k: v for k, v in os.environ.items()
                if k not in ("SSH", "SCP", "PORT", "KEY", "ENV_PASS", "RUN_ID", "SKIP_PIP", "REMOTE_DIR",
                             "SEEDS", "RUN_PREFIX", "BASELINE_LOSS", "SUMMARY_ARGS", "LOCAL_LOG_DIR",
-                            "FINAL_RE", "SSH_OPTS")}
+                            "FINAL_RE", "SSH_OPTS", "RECORDS", "RECORD_DIR", "RECORD_ARGS", "RECORD_NAME",
+                            "RECORD_AUTHOR", "RECORD_GITHUB_ID", "RECORD_BLURB", "RECORD_HARDWARE")}
         env.update(SSH=str(self.bin / "ssh"), SCP=str(self.bin / "scp"), SHIM_LOG=str(self.shim_log),
                    SHIM_HOME=str(self.home), SHIM_BIN=str(self.bin), PIP_LOG=str(self.pip_log),
                    REMOTE_DIR=str(self.remote), TAIL_SLEEP="0.1", FINAL_WAIT="10", RETRY_SLEEP="0",
@@ -290,6 +303,29 @@ def test_crashing_run_fails_but_brings_logs_back(sb):
     assert "Traceback: boom" in (sb.repo / "logs" / "crash.stdout.txt").read_text()
 
 
+def test_interrupted_follow_still_brings_logs_back(sb):
+    """Ctrl-C while following a run that has not finished: the run goes on, the logs so far come back."""
+    env = sb.env(ENV_PASS="FAKE_MODE=stall", RUN_ID="intr", SKIP_PIP=1)
+    p = subprocess.Popen(["bash", str(sb.repo / "deploy_runpod.sh"), HOST, "3"], cwd=sb.root, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    followed = sb.repo / "logs" / "intr.stdout.txt"
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and not (followed.exists() and "step:200/200" in followed.read_text()):
+            time.sleep(0.1)
+        assert "step:200/200" in followed.read_text()
+        os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        sb.kill_remote("intr")
+    assert p.returncode == 130, err
+    assert "interrupted: the run goes on" in err and "log copied to" in err
+    text = (sb.repo / "logs" / "intr.txt").read_text()
+    assert "step:200/200" in text and "final_" not in text
+
+
 def test_hanging_run_stops_following_after_final_line(sb):
     t0 = time.time()
     try:
@@ -308,7 +344,9 @@ def test_follow_reconnects_without_duplicating_output(sb):
     assert r.returncode == 0, r.stderr
     assert "reconnecting" in r.stderr
     remote_out = (sb.remote / "logs" / "drop.stdout.txt").read_text()
-    assert r.stdout == remote_out
+    # followed once, up to the final line (the copy brought the rest back)
+    assert remote_out.startswith(r.stdout) and r.stdout.endswith("chunks_adapted:1892/1893\n")
+    assert (sb.repo / "logs" / "drop.stdout.txt").read_text() == remote_out
     follows = [c for c in sb.calls("ssh") if "tail " in _ssh_cmd(c)]
     assert len(follows) == 2 and "-c +1 " in _ssh_cmd(follows[0]) and "-c +1 " not in _ssh_cmd(follows[1])
 
@@ -342,9 +380,11 @@ def test_bad_env_pass_rejected(sb):
 # ---------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_three_seeds_and_summary(sb):
+def test_three_seeds_summary_and_records_folder(sb):
+    record = sb.root / "rec" / "2025-01-02_t3"
     r = sb.run("deploy_3seeds.sh", HOST, PORT=2200, KEY=sb.key, RUN_PREFIX="t3", BASELINE_LOSS="1.95",
-               ENV_PASS="A=x", timeout=180)
+               ENV_PASS="A=x", RECORD_DIR=record, RECORD_NAME="My Record", RECORD_AUTHOR="A. Person",
+               RECORD_BLURB="What changed: nothing real.", timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     logs = sb.repo / "logs"
     for seed in (42, 1337, 2025):
@@ -356,11 +396,41 @@ def test_three_seeds_and_summary(sb):
     summary = (logs / "t3_summary.txt").read_text()
     assert "one_sample_constant_baseline" in summary and "score (ttt)" in summary
     sub = json.loads((logs / "t3_submission.json").read_text())
-    assert sub["seeds"] == [42, 1337, 2025]
+    assert sub["seeds"] == [42, 1337, 2025] and sub["name"] == "My Record" and sub["author"] == "A. Person"
     # fake losses: 1.88<seed % 7>: 42 -> 1.880, 1337 -> 1.880, 2025 -> 1.882
     assert sub["val_loss"] == pytest.approx((1.880 + 1.880 + 1.882) / 3)
     assert sub["bytes_total"] == 15973572
     assert (logs / "t3_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the records folder, every check passed
+    assert "records folder built" in r.stderr and r.stderr.count(": PASS: ") == 9
+    assert sorted(p.name for p in record.iterdir()) == [
+        "README.md", "submission.json", "t3_seed1337.txt", "t3_seed2025.txt", "t3_seed42.txt", "train_gpt.py"]
+    assert (record / "train_gpt.py").read_bytes() == (sb.repo / "train_gpt.py").read_bytes()
+    readme = (record / "README.md").read_text()
+    assert readme.startswith("# My Record\n") and "What changed: nothing real." in readme
+    row = "| 2025 | 200 | 87.00 | 17,400 | 20,400 | 1.14568 | 1.14900 | 1.11200 | 493.6 | 15,973,572 |"
+    assert row in readme.splitlines()
+    assert json.loads((record / "submission.json").read_text())["val_loss"] == pytest.approx(sub["val_loss"])
+
+
+@pytest.mark.slow
+def test_three_seeds_failed_middle_seed(sb):
+    record = sb.root / "rec" / "f3"
+    r = sb.run("deploy_3seeds.sh", HOST, RUN_PREFIX="f3", SKIP_PIP=1, BASELINE_LOSS="1.95",
+               ENV_PASS="FAKE_CRASH_SEED=1337", RECORD_DIR=record, timeout=180)
+    assert r.returncode == 1, r.stdout + r.stderr
+    # the seed after the failed one still ran
+    assert [(sb.remote / f"env_seen_{s}.txt").exists() for s in (42, 1337, 2025)] == [True] * 3
+    assert "seed 1337 failed (status 1); going on with the next seed" in r.stderr
+    # its log came back and the summary marks it, out of the mean
+    assert "Traceback: boom" in (sb.repo / "logs" / "f3_seed1337.stdout.txt").read_text()
+    summary = (sb.repo / "logs" / "f3_summary.txt").read_text()
+    assert "FAILED: seed 1337 (f3_seed1337.txt): no final_*_exact score line" in summary
+    assert "finished: 2 of 3 seeds" in summary
+    sub = json.loads((sb.repo / "logs" / "f3_submission.json").read_text())
+    assert sub["seeds"] == [42, 2025] and sub["val_loss"] == pytest.approx((1.880 + 1.882) / 2)
+    assert "did not finish: 1337; the records folder is not built" in r.stderr
+    assert not record.exists()
 
 
 @pytest.mark.slow
@@ -369,6 +439,23 @@ def test_three_seeds_reports_failed_seed(sb):
                ENV_PASS="FAKE_MODE=crash", timeout=120)
     assert r.returncode == 1
     assert "did not finish: 1 2" in r.stderr
+    summary = (sb.repo / "logs" / "f3_summary.txt").read_text()
+    assert "FAILED: seed 1 (f3_seed1.txt)" in summary and "FAILED: seed 2 (f3_seed2.txt)" in summary
+
+
+@pytest.mark.slow
+def test_three_seeds_checklist_failure_exits_1(sb):
+    """Every seed finished, but without a baseline the improvement test fails: no folder, status 1."""
+    record = sb.root / "rec" / "nb"
+    r = sb.run("deploy_3seeds.sh", HOST, RUN_PREFIX="nb", SEEDS="5 6 7", SKIP_PIP=1, RECORD_DIR=record,
+               timeout=180)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "check significance: FAIL: no baseline given" in r.stderr
+    assert "the records folder was not built" in r.stderr and not record.exists()
+    r = sb.run("deploy_3seeds.sh", HOST, RUN_PREFIX="nb2", SEEDS="5 6 7", SKIP_PIP=1, RECORD_DIR=record,
+               RECORD_ARGS="--allow significance", timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "**FAILED, allowed by `--allow significance`**" in (record / "README.md").read_text()
 
 
 @pytest.mark.parametrize("args", [[], ["nohost"], [HOST, "42"]])

@@ -13,18 +13,19 @@ import torch, torch.distributed as dist
 import train_gpt_human as tg
 
 hp = tg.Hyperparameters.from_env()
+tg.MUON_COMM_DTYPE = torch.float32  # fp32 communication, for the exact match (bf16: tests/test_step_speed.py)
 torch.set_num_threads(1)
 rt = tg.setup_runtime(hp)
 torch.manual_seed(hp.seed)
-luts = tg.build_byte_luts(tg.load_tokenizer(hp), hp.vocab_size)
+tables = tg.build_byte_tables(tg.load_tokenizer(hp), hp.vocab_size)
 val = tg.load_val_tokens(hp)
 model = tg.GPT(hp)
 record = {"loss": [], "params": []}
 plain_step = tg.train_step
 
 
-def recording_step(step_model, opt, loader, hp_, rt_, accum, scale):
-    total = plain_step(step_model, opt, loader, hp_, rt_, accum, scale)
+def recording_step(step_model, opt, loader, rt_, accum, scale):
+    total = plain_step(step_model, opt, loader, rt_, accum, scale)
     mean = total.detach().double().clone()
     if rt_.world_size > 1:
         dist.all_reduce(mean)
@@ -35,7 +36,7 @@ def recording_step(step_model, opt, loader, hp_, rt_, accum, scale):
 
 
 tg.train_step = recording_step
-tg.train(model, hp, rt, val, luts)
+tg.train(model, hp, rt)
 record["final"] = {k: v.clone() for k, v in model.state_dict().items()}
 torch.save(record, f"rank{rt.rank}.pt")
 if rt.world_size > 1:
@@ -54,8 +55,7 @@ def test_two_processes_match_one_process_with_same_global_batch(tiny_env, tmp_pa
     env = dict(tiny_env, ITERATIONS=str(STEPS), WARMDOWN_ITERS="8", WARMUP_STEPS="0", TRAIN_LOG_EVERY="1000",
                # 3 layers: mlp_up/mlp_down banks have 3 matrices, padded to 4 for 2 ranks; the 2-D matrices
                # (engram.proj, ve_proj) are banks of 1 padded to 2, so rank 1 orthogonalises a zero shard.
-               NUM_LAYERS="3",
-               MUON_COMM_BF16="0")  # fp32 communication, for the exact match (bf16: tests/test_step_speed.py)
+               NUM_LAYERS="3")
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     runs = {}

@@ -1,12 +1,13 @@
-"""tools/gpu_check.sh / tools/gpu_check.py: the --cpu run (the GPU check's own code path at a tiny size) yields every
-key other tools read, with sane positive numbers; a part that fails, hangs or has a bad setting is recorded without
-costing the others; the phased-TTT schedule replay and the synthetic data are right.  No timing thresholds."""
+"""tools/gpu_check.sh / tools/gpu_check.py: the --cpu run (the real artifact train_gpt.py, tiny) yields every key other
+tools read, with real numbers; the budgets fit the deadline; on a fake clock every part ends inside its budget and the
+JSON is on disk after each part; a part that hangs or crashes (a fake one, or a real process) is recorded and the
+later parts still run.  No timing thresholds."""
 import json
 import math
 import os
 import subprocess
 import sys
-import types
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,141 +19,176 @@ import gpu_check  # noqa: E402
 
 
 def check_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("GPU_CHECK_FAIL", "RANK", "WORLD_SIZE")}
-    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", **extra)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update(PYTHON=sys.executable, **extra)
     return env
-
-
-@pytest.fixture(scope="module")
-def cpu_report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu_check_cpu")
-    proc = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), "--cpu", str(out)], env=check_env(),
-                          cwd=REPO, capture_output=True, text=True, timeout=420)
-    return proc, out
 
 
 def positive(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
+def statuses(out):
+    return {k: v["status"] for k, v in json.loads((out / "gpu_check.json").read_text())["parts"].items()}
+
+
 @pytest.mark.slow
-def test_cpu_run_writes_every_key(cpu_report):
-    proc, out = cpu_report
+def test_cpu_run_of_the_artifact_writes_every_key(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), "--cpu", str(out)], env=check_env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((out / "gpu_check.json").read_text())
-    assert report["ok"] and report["mode"] == "cpu"
-    assert isinstance(report["device"], str) and report["device"] != "unknown" and report["torch"]
-    assert set(report["parts"]) == set(gpu_check.ALL_PARTS)
-    assert all(p["ok"] and p["error"] is None for p in report["parts"].values()), report["parts"]
-    for name in gpu_check.PRESET_NAMES:
+    assert report["ok"] and report["mode"] == "cpu" and report["torch"] and report["code_sha256"]
+    assert isinstance(report["device"], str) and report["device"] not in ("", "unknown")
+    assert statuses(out) == {p: "ok" for p in gpu_check.PARTS}
+    assert all(e["seconds"] <= e["budget_s"] for e in report["parts"].values())
+    for name in gpu_check.PRESETS:
         p = report["presets"][name]
-        train, ev, quant = p["train"], p["eval"], p["quant"]
-        for key in ("tokens_per_s", "ms_per_step", "peak_mem_gib", "flops_per_token", "newton_schulz_ms_per_step",
-                    "newton_schulz_ms_per_rank_8gpu", "hessian_s", "projected_steps_600s_8xh100"):
-            assert positive(train[key]), (name, key, train.get(key))
-        assert isinstance(train["attention"], str) and train["attention"]
-        assert train["grad_accum_steps"] == 8 and train["world_size"] == 1
-        assert train["reference_steps"] == {"seed": 6291, "record": 4931}[name]
-        assert train["dynamo"]["graph_breaks"] >= 0 and train["dynamo"]["recompiles"] >= 0
-        for key in ("sliding_tokens_per_s", "roundtrip_tokens_per_s", "ttt_projected_s_8xh100",
-                    "eval_projected_total_s_8xh100", "sliding_projected_s_8xh100"):
-            assert positive(ev[key]), (name, key, ev.get(key))
-        assert isinstance(ev["within_600s"], bool)
-        for mode in ("ttt_chunk_muon", "ttt_chunk_sgd"):
-            assert positive(ev[mode]["tokens_per_s"]) and positive(ev[mode]["projected_s_8xh100"])
-            assert ev[mode]["chunks_adapted"] == ev[mode]["chunks"] - 1  # the budget guard never cut in
-        phased = ev["ttt_phased"]
-        assert phased["schedule_check"] == "ok"  # doc_steps() matches the steps the trainer took
-        assert not phased["interrupted"] and phased["batches_completed"] == phased["batches"]
-        assert positive(phased["row_tokens_per_s"]) and positive(phased["projected_s_8xh100"])
-        assert phased["step_fit"]["steps"] > 0 and positive(phased["step_fit"]["b_s_per_row_token"])
-        assert positive(phased["global_tokens_per_s"]) and phased["global_phases_run"] >= 1
-        own = "ttt_phased" if name == "record" else "ttt_chunk_muon"  # each preset's own TTT_MODE
-        assert ev["ttt_projected_from"] == own and ev["ttt_projected_s_8xh100"] == ev[own]["projected_s_8xh100"]
-        assert positive(quant["quantize_s"]) and positive(quant["artifact_bytes"]) and quant["fits"]
-        assert positive(quant["load_artifact_s"]) and quant["weights"].startswith("after")
-        awq = quant["awq"]
-        assert ".awq" in awq["group"] and 0 < awq["max_code"] <= 127 and positive(awq["gptq_s"])
-    record = report["presets"]["record"]["train"]
-    assert positive(record["ms_per_step_pre_loop"]) and positive(record["ms_per_step_post_loop"])
-    assert record["virtual_layers_post_loop"] > record["virtual_layers_pre_loop"]  # the loops really switched on
-    assert record["flops_per_token_post_loop"] > record["flops_per_token_pre_loop"]
-    f = 0.35
-    assert record["ms_per_step"] == pytest.approx(
-        1 / (f / record["ms_per_step_pre_loop"] + (1 - f) / record["ms_per_step_post_loop"]))
+        for key in ("tokens_per_s", "ms_per_step", "peak_mem_gib", "hessian_s", "projected_steps_600s_8xh100"):
+            assert positive(p["train"][key]), (name, key, p["train"].get(key))
+        assert p["train"]["attention"] == "sdpa" and p["train"]["grad_accum_steps"] == 8
+        assert p["train"]["reference_steps"] == {"seed": 6291, "record": 4931}[name]
+        assert p["settings"]["train"]["GRAD_ACCUM_STEPS"] == "8" and "SNAPSHOT" not in p["settings"]["train"]
+        for key in ("sliding_tokens_per_s", "sliding_projected_s_8xh100", "ttt_projected_s_8xh100"):
+            assert positive(p["eval"][key]), (name, key, p["eval"].get(key))
+        assert isinstance(p["eval"]["within_600s"], bool) and not p["eval"]["ttt"]["budget_stopped"]
+        assert p["eval"]["ttt"]["mode"] == {"seed": "chunk", "record": "phased"}[name]
+        assert positive(p["quant"]["quantize_s"]) and positive(p["quant"]["total_bytes"]) and p["quant"]["fits"]
+    record = report["presets"]["record"]
+    assert positive(record["train"]["ms_per_step_pre_loop"]) and positive(record["train"]["ms_per_step_post_loop"])
+    assert record["quant"]["awq"] and record["eval"]["ttt"]["sample_docs"] > 0  # the AWQ-lite probe ran
+    assert report["presets"]["seed"]["quant"]["awq"] is None and record["settings"]["ttt"]["TTT_ENABLED"] == "1"
     table = (out / "gpu_check.md").read_text()
-    assert "| metric | seed | record |" in table and "projected steps in 600 s" in table
-    assert "| record.phased | ok |" in table
-    assert (out / "logs" / "record.train.log").exists()
+    assert "| record.ttt | ok |" in table and "projected steps in 600 s" in table
+    assert (out / "logs" / "record_train.txt").exists() and not (out / "compile_cache").exists()
 
 
-@pytest.mark.slow
-def test_failing_hanging_and_misconfigured_parts_do_not_stop_the_rest(tmp_path):
-    out = tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "tools" / "gpu_check.py"), "--cpu", "--out", str(out),
-           "--parts", "info,seed.eval,seed.quant,record.quant", "--part-timeout", "info=3",
-           "--set", "record:NUM_HEADS=5"]  # a bad setting for one preset only
-    proc = subprocess.run(cmd, env=check_env(GPU_CHECK_FAIL="info:hang,seed.eval"), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]  # JSON written, some part failed
+def test_budgets_fit_the_deadline():
+    for mode, sizes in gpu_check.SIZES.items():
+        budgets, deadline = sizes["budgets"], sizes["deadline"]
+        assert set(budgets) == set(gpu_check.PARTS)
+        for preset in gpu_check.PRESETS:  # one call per preset at least; the record's first
+            assert sizes["setup"] + sum(budgets[f"{preset}.{k}"] for k in gpu_check.KINDS) <= deadline, (mode, preset)
+    assert gpu_check.PARTS[:4] == ["record.train", "record.quant", "record.ttt", "record.eval"]
+    cpu = gpu_check.SIZES["cpu"]
+    assert cpu["setup"] + sum(cpu["budgets"].values()) <= cpu["deadline"]  # --cpu: everything in one call
+
+
+def test_every_variable_the_check_sets_is_a_trainer_setting():
+    import dataclasses
+
+    import train_gpt_human as tg
+    names = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)}
+    envs = [gpu_check.COMMON_ENV, *gpu_check.PART_ENV.values(), *gpu_check.PRESET_PART_ENV.values()]
+    for sizes in gpu_check.SIZES.values():
+        envs += [sizes["env"], *sizes["preset_env"].values()]
+    assert {k for env in envs for k in env} - names == {"OMP_NUM_THREADS"}
+    assert {"SNAPSHOT", "EVAL_ARTIFACT", "VAL_MAX_TOKENS", "ITERATIONS", "AWQ_GROUPS"} <= names
+
+
+def run_dry(tmp_path, monkeypatch, *extra):
+    """The dry run; returns (exit status, report, [(part, statuses on disk right after it finished)])."""
+    out, seen, finish = tmp_path / "dry", [], gpu_check.Check.finish
+
+    def recording(self, name, *args, **kwargs):
+        finish(self, name, *args, **kwargs)
+        seen.append((name, statuses(out)))
+
+    monkeypatch.setattr(gpu_check.Check, "finish", recording)
+    clock = gpu_check.FakeClock()
+    rc = gpu_check.main(["--dry-run", "--out", str(out), *extra], clock=clock)
     report = json.loads((out / "gpu_check.json").read_text())
+    assert clock.now <= report["deadline_s"] and (out / "gpu_check.md").exists()
+    return rc, report, seen
+
+
+def test_dry_run_on_a_fake_clock_keeps_every_part_inside_its_budget(tmp_path, monkeypatch):
+    rc, report, seen = run_dry(tmp_path, monkeypatch, "--parts", "record")
+    assert rc == 0 and [name for name, _ in seen] == gpu_check.PARTS[:4]
+    for k, (name, on_disk) in enumerate(seen):  # the JSON on disk after each part: it and those before are final
+        assert all(on_disk[p] == "ok" for p, _ in seen[:k + 1]) and all(
+            on_disk[p] == "pending" for p, _ in seen[k + 1:])
+    assert all(e["status"] == "ok" and e["seconds"] <= e["budget_s"] for e in report["parts"].values())
+    train, ev = report["presets"]["record"]["train"], report["presets"]["record"]["eval"]
+    assert train["ms_per_step_pre_loop"] == train["ms_per_step_post_loop"] == train["ms_per_step"] == 1000
+    assert train["peak_mem_gib"] == 60 and train["attention"] == "fa3" and report["torch"] == "2.13.0"
+    assert ev["ttt"]["tokens_per_s"] == 300000 / 25 and positive(ev["ttt_projected_s_8xh100"])
+
+
+def test_dry_run_with_a_hang_and_a_crash_records_both_and_goes_on(tmp_path, monkeypatch):
+    rc, report, seen = run_dry(tmp_path, monkeypatch, "--fail", "record.ttt:hang", "--fail", "seed.train:crash",
+                               "--deadline", "2000")
+    assert rc == 3 and not report["ok"]
     parts = report["parts"]
-    assert not report["ok"] and list(parts) == ["info", "seed.eval", "seed.quant", "record.quant"]
-    assert parts["info"]["timed_out"] and "time limit" in parts["info"]["error"]
-    assert not parts["seed.eval"]["timed_out"] and "forced failure" in parts["seed.eval"]["error"]
-    assert "NUM_HEADS" in parts["record.quant"]["error"] and not parts["record.quant"]["ok"]
-    assert "forced failure" in report["presets"]["seed"]["eval"]["error"]
-    assert "NUM_HEADS" in report["presets"]["record"]["quant"]["error"]
-    assert parts["seed.quant"]["ok"] and positive(report["presets"]["seed"]["quant"]["artifact_bytes"])
-    assert report["device"] == "unknown"  # info never finished; the rest still reported
-    assert "| info | timed out" in (out / "gpu_check.md").read_text()
+    assert [parts[p]["status"] for p in gpu_check.PARTS] == ["ok", "ok", "timeout", "ok", "failed", "skipped",
+                                                            "skipped", "skipped"]
+    assert parts["record.ttt"]["seconds"] == pytest.approx(parts["record.ttt"]["budget_s"], abs=1)
+    assert "timeout" in parts["record.ttt"]["error"] and "final_int6_ttt_exact" in parts["record.ttt"]["error"]
+    assert "forced failure" in parts["seed.train"]["error"] and "no snapshot" in parts["seed.quant"]["error"]
+    assert "no artifact" in parts["seed.ttt"]["error"] and "no artifact" in parts["seed.eval"]["error"]
+    assert positive(report["presets"]["record"]["eval"]["sliding_tokens_per_s"])  # the part after the hang ran
+    assert "timeout" in report["presets"]["record"]["eval"]["ttt_error"]  # what the hung part logged is kept too
+    assert report["presets"]["record"]["eval"]["ttt"]["tokens_per_s"] == 12000
+    assert [name for name, _ in seen] == gpu_check.PARTS
 
 
-def hp_stub(**kw):
-    base = dict(ttt_doc_chunk=48, eval_seq_len=2048, ttt_doc_batch=4)
-    base.update(kw)
-    return types.SimpleNamespace(**base)
+FAKE_TRAINER = """
+import os, subprocess, sys, time
+sys.path.insert(0, {tools!r})
+from gpu_check import fake_lines
+preset, kind = os.environ["RUN_ID"].split("_")
+if preset == "record":  # hangs, with a child of its own
+    child = subprocess.Popen(["sleep", "60"])
+    open(os.path.join({tmp!r}, "child.pid"), "w").write(str(child.pid))
+    print("world_size:1 grad_accum_steps:8 device:cpu", flush=True)
+    time.sleep(60)
+for line in fake_lines(preset, kind):
+    print(line, flush=True)
+if kind in ("train", "quant"):
+    time.sleep(60)  # a real run goes on after its snapshot or artifact; the check stops it
+"""
 
 
-def test_legacy_doc_steps_follow_the_old_window_rule():
-    hp = hp_stub()
-    assert gpu_check.legacy_doc_steps([100, 30], hp) == [(4, 64), (4, 128), (4, 128)]  # windows 48, 96, 100
-    assert gpu_check.legacy_doc_steps([48], hp) == [(4, 64)]
-    steps = gpu_check.legacy_doc_steps([5000], hp)
-    assert len(steps) == math.ceil(5000 / 48) and steps[-1] == (4, 2048) and steps == sorted(steps)
-    assert gpu_check.legacy_doc_steps([100], hp_stub(eval_seq_len=64)) == [(4, 64)] * 3
+def test_a_real_process_past_its_limit_is_killed_with_its_children(tmp_path):
+    fake = tmp_path / "fake_trainer.py"
+    fake.write_text(FAKE_TRAINER.format(tools=str(REPO / "tools"), tmp=str(tmp_path)))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--cpu", "--out", str(out),
+                           "--trainer", str(fake), "--budget", "record.train=3"], env=check_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert statuses(out) == {"record.train": "timeout", "record.quant": "skipped", "record.ttt": "skipped",
+                             "record.eval": "skipped", "seed.train": "ok", "seed.quant": "ok", "seed.ttt": "ok",
+                             "seed.eval": "ok"}
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert "world_size:1" in report["parts"]["record.train"]["error"]  # the log's tail
+    assert report["presets"]["seed"]["train"]["ms_per_step"] == 1000
+    status = Path(f"/proc/{(tmp_path / 'child.pid').read_text()}/status")  # the hung trainer's child went with it
+    assert not status.exists() or "State:\tZ" in status.read_text()
 
 
-def test_phased_projection_shares_the_cost_but_not_below_the_largest_batch():
-    def steps_of(lengths):  # one step per document, rows = documents, length = the longest
-        return [(len(lengths), max(lengths))] * len(lengths)
-
-    lengths = [100, 10, 20, 30, 40, 50, 60, 70]  # batches of 4 in length order: [10..40], [50..100]
-    per_rank, largest, n_steps, row_tokens = gpu_check.phased_projection(lengths, 4, steps_of, lambda r, n: r * n, 2)
-    assert (largest, n_steps, row_tokens) == (4 * 4 * 100, 8, 4 * 4 * 40 + 4 * 4 * 100)
-    assert per_rank == max(row_tokens / 2, largest) == 1600
-    assert gpu_check.phased_projection(lengths, 4, steps_of, lambda r, n: r * n, 1)[0] == row_tokens
+def test_synthetic_stream_is_bos_separated_log_normal_documents():
+    tokens = gpu_check.synthetic_stream(200_000, 800, 8192, seed=3)
+    assert tokens.dtype == np.uint16 and len(tokens) == 200_000 and tokens[0] == 1 and tokens.max() < 8192
+    lengths = np.diff(np.flatnonzero(tokens == 1))
+    assert (tokens == 0).sum() == 0 and lengths.min() >= 8
+    assert 600 < lengths.mean() < 1000 and np.median(lengths) < lengths.mean()  # skewed: log-normal
 
 
-def test_step_fit_recovers_a_linear_cost():
-    samples = [(r, n, 0.01 + 2e-6 * r * n) for r in (8, 16, 64) for n in (64, 512, 2048)]
-    step_s, fit = gpu_check.fit_step_seconds(samples)
-    assert fit["model"].startswith("a + b*RT") and fit["median_rel_error"] < 1e-6
-    assert step_s(32, 1024) == pytest.approx(0.01 + 2e-6 * 32 * 1024)
-    step_s, fit = gpu_check.fit_step_seconds([(4, 64, 0.5)])  # one shape: no intercept to fit
-    assert fit["model"] == "b*RT" and step_s(4, 128) == pytest.approx(1.0)
-
-
-def test_synthetic_stream_is_bos_separated_documents():
-    lens = gpu_check.doc_lengths(1000, 1_000_000, 1.0, seed=3)
-    assert len(lens) == 1000 and lens.min() >= 8 and abs(int(lens.sum()) - 1_000_000) < 5_000
-    assert gpu_check.doc_lengths(50, 50_000, 1.0, seed=3, cap=512).max() <= 512
-    tokens = gpu_check.synthetic_stream(20, 100, 1.0, 8192, seed=5)
-    assert tokens.dtype == np.uint16 and tokens[0] == 1 and tokens.max() < 8192
-    assert (tokens == 1).sum() == 20 and (tokens == 0).sum() == 0
-
-
-def test_tokenizer_fallback_trains_one_of_the_right_size(tmp_path):
-    path, source = gpu_check.find_tokenizer(1024, tmp_path / "tok", dirs=[tmp_path / "nowhere"])
-    import sentencepiece as spm
-    assert "synthetic" in source and spm.SentencePieceProcessor(model_file=path).vocab_size() == 1024
+def test_a_stopped_check_records_the_part_in_flight_and_ends_its_process(tmp_path):
+    fake = tmp_path / "fake_trainer.py"
+    fake.write_text(FAKE_TRAINER.format(tools=str(REPO / "tools"), tmp=str(tmp_path)))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--cpu", "--out", str(out),
+                             "--trainer", str(fake)], env=check_env(), cwd=REPO, stdout=subprocess.DEVNULL)
+    for _ in range(600):  # until the record's train run (which hangs) is under way
+        if (tmp_path / "child.pid").exists() and (tmp_path / "child.pid").read_text():
+            break
+        time.sleep(0.05)
+    proc.terminate()  # as an outer time limit would
+    assert proc.wait(timeout=60) == 143
+    assert statuses(out) == {"record.train": "failed", **{p: "skipped" for p in gpu_check.PARTS[1:]}}
+    assert "stopped" in json.loads((out / "gpu_check.json").read_text())["parts"]["record.train"]["error"]
+    status = Path(f"/proc/{(tmp_path / 'child.pid').read_text()}/status")
+    assert not status.exists() or "State:\tZ" in status.read_text()

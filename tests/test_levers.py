@@ -35,46 +35,51 @@ def test_progressive_context_switches_by_progress_and_rewarms_the_lr(tiny_data, 
     ramps back up over 4 steps; the warm-up visits every (context, looping) graph once; no segment is longer than
     the context of its step."""
     env = dict(TINY_ENV, DATA_PATH=str(tiny_data), ITERATIONS="20", TRAIN_SEQ_SCHEDULE="32@0.2,64@0.6",
-               SEQ_CHANGE_WARMUP_STEPS="4", WARMUP_STEPS="4", DOC_ISOLATION="1", NUM_LOOPS="1", LOOP_START="1",
-               LOOP_END="1", LOOP_ENABLE_AT="0.5", TRAIN_LOG_EVERY="100")
+               WARMUP_STEPS="4", DOC_ISOLATION="1", NUM_LOOPS="1", LOOP_START="1", LOOP_END="1",
+               TRAIN_LOG_EVERY="100")
+    monkeypatch.setattr(tg, "SEQ_CHANGE_WARMUP_STEPS", 4)
+    monkeypatch.setattr(tg, "LOOP_ENABLE_AT", 0.5)
     hp = tg.Hyperparameters.from_env(env)
     rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "log.txt"))
     seen, real_step = [], tg.train_step
 
-    def spy(model, opt, loader, hp, rt, accum, scale):
+    def spy(model, opt, loader, rt, accum, scale):
         real_next = loader.next_batch
 
         def next_batch(accum):
             x, y, (cu, max_len) = real_next(accum)
-            assert max_len == loader.seq_len and int((cu[1:] - cu[:-1]).max()) <= loader.seq_len
+            # segments are cut at the step's context; FlashAttention's max_seqlen is the longest stage's, so a
+            # context switch changes no argument of the compiled graph: one graph per loops state
+            assert max_len == 128 and int((cu[1:] - cu[:-1]).max()) <= loader.seq_len
             return x, y, (cu, max_len)
 
         loader.next_batch = next_batch
         seen.append((loader.seq_len, model.looping, scale))
-        return real_step(model, opt, loader, hp, rt, accum, scale)
+        return real_step(model, opt, loader, rt, accum, scale)
 
     monkeypatch.setattr(tg, "train_step", spy)
     torch.manual_seed(0)
-    tg.train(tg.GPT(hp), hp, rt, None, None)
+    tg.train(tg.GPT(hp), hp, rt)
     assert seen[:4] == [(32, False, 1.0), (64, False, 1.0), (64, True, 1.0), (128, True, 1.0)]  # the warm-up
     contexts = [32] * 5 + [64] * 8 + [128] * 7  # progress = step / 20
     rewarm = {5: 0.25, 6: 0.5, 7: 0.75, 13: 0.25, 14: 0.5, 15: 0.75}
-    expected = [(n, step >= 10, pytest.approx(tg.lr_scale(hp, step, 0.0, 0) * rewarm.get(step, 1.0)))
+    expected = [(n, step >= 10, pytest.approx(tg.lr_schedule(hp, step, 0.0, 0) * rewarm.get(step, 1.0)))
                 for step, n in enumerate(contexts)]
     assert seen[4:] == expected
     log = (tmp_path / "log.txt").read_text()
     assert "train_seq_len:64 step:5 progress:0.250" in log and "train_seq_len:128 step:13 progress:0.650" in log
 
 
-def test_lora_targets_adapt_only_the_listed_projections():
+def test_lora_targets_adapt_only_the_listed_projections(monkeypatch):
     """TTT_LORA_TARGETS=k,o,mlp (#2014, #2060: no Q/V adapters): three pairs per virtual layer plus the head; q and v
     get no delta, k does."""
     from test_ttt_phased import RECORD, make_hp, random_model
 
-    hp = make_hp(**RECORD, TTT_LORA_TARGETS="k,o,mlp", TTT_LORA_RANK=4)
+    monkeypatch.setattr(tg, "LORA_RANK", 4)
+    hp = make_hp(**RECORD, TTT_LORA_TARGETS="k,o,mlp")
     model = random_model(hp)
     n_virtual = sum(map(len, tg.layer_order(hp, model.looping)))
-    lora = tg.LoRA(model, 2, 4, seed=0)
+    lora = tg.LoRA(model, 2, seed=0)
     assert len(lora.A) == 3 * n_virtual + 1
     for b in lora.B:
         torch.nn.init.normal_(b)
@@ -88,7 +93,9 @@ def test_lora_targets_adapt_only_the_listed_projections():
 
 def test_short_chunks_by_the_batchs_longest_document():
     hp = tg.Hyperparameters(ttt_short_chunks="256:8,2000:24", eval_seq_len=3072)
-    assert [tg.doc_chunk([(0, n), (0, 10)], hp) for n in (100, 256, 257, 2000, 2001)] == [8, 8, 24, 24, 48]
+    # #2014 compares the longest document's length, predictions + 1 (its BOS to the next BOS), with each limit: a
+    # document of exactly 256 predictions is 257 long and reads 24 at a time, one of 2,000 the default 48
+    assert [tg.doc_chunk([(0, n), (0, 10)], hp) for n in (100, 255, 256, 1999, 2000)] == [8, 8, 24, 24, 48]
     assert tg.doc_steps([(0, 20), (0, 13)], hp) == [(2, 8), (2, 16), (1, 24)]  # 3 chunks of 8; rows as they run
     assert tg.doc_batch_cost([(0, 20), (0, 13)], hp) == 2 * 8 + 2 * 16 + 24
     for bad in ("256", "256:0", "256:4000", "a:8"):
@@ -96,28 +103,30 @@ def test_short_chunks_by_the_batchs_longest_document():
             tg.Hyperparameters.from_env({"TTT_SHORT_CHUNKS": bad})
 
 
-@pytest.mark.parametrize("warm_a", [0, 1])
-def test_short_chunks_score_each_prediction_once_before_it_trains(monkeypatch, tmp_path, one_thread, warm_a):
-    """TTT_SHORT_CHUNKS=40:4: batches whose longest document is <= 40 predictions read it 4 at a time, the rest 8 at
-    a time; every prediction is scored exactly once, and a changed target moves no score made before it."""
-    from test_ttt_legality import synthetic_luts
-    from test_ttt_phased import RANGE, documents, make_hp, random_model, run_phased
+def test_short_chunks_score_each_prediction_once_before_it_trains(monkeypatch, tmp_path, one_thread):
+    """TTT_SHORT_CHUNKS=40:4: batches whose longest document is <= 40 predictions read it 4 at a time, the
+    rest 8 at a time (DOC_CHUNK); every prediction is scored exactly once, and a changed target moves no score
+    made before it."""
+    from test_ttt_legality import synthetic_tables
+    from test_ttt_phased import CONSTANTS, RANGE, documents, make_hp, random_model, run_phased
 
+    for name, value in CONSTANTS.items():
+        monkeypatch.setattr(tg, name, value)
     tokens, spans = documents()
-    (_, _, adapted, n_batches), base, counts = run_phased(monkeypatch, tmp_path, tokens, TTT_SHORT_CHUNKS="40:4",
-                                                          TTT_LORA_WARM_A=warm_a)
+    (_, _, adapted, n_batches), base, counts = run_phased(monkeypatch, tmp_path, tokens,
+                                                          TTT_SHORT_CHUNKS="40:4")
     assert (adapted, n_batches) == (7, 7) and torch.equal(counts, torch.ones_like(counts))
     b, e = spans[38]  # batch (38, 36): chunks of 4
     t = b + 10
     tokens2 = tokens.clone()
     tokens2[t] = 2 + RANGE + (tokens[t] - 2 - RANGE + 1) % RANGE
-    _, rec, _ = run_phased(monkeypatch, tmp_path, tokens2, TTT_SHORT_CHUNKS="40:4", TTT_LORA_WARM_A=warm_a)
+    _, rec, _ = run_phased(monkeypatch, tmp_path, tokens2, TTT_SHORT_CHUNKS="40:4")
     assert torch.equal(rec.scores[b:t - 1], base.scores[b:t - 1]) and rec.scores[t - 1] != base.scores[t - 1]
     hp = make_hp(TTT_SHORT_CHUNKS="40:4", TTT_PHASES=0)  # the forwards are exactly the steps doc_steps plans
     model, shapes = random_model(hp), []
     model.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
     rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "log.txt"))
-    tg.eval_ttt(model, tokens, hp, rt, synthetic_luts(), time.perf_counter())
+    tg.eval_ttt(model, tokens, hp, rt, synthetic_tables(), time.perf_counter())
     docs = sorted(tg.split_documents(tokens), key=lambda d: d[1] - d[0])
     planned = [step for i in range(0, 14, 2) for step in tg.doc_steps(docs[i:i + 2], hp)]
     assert sorted(shapes) == sorted(planned) and (2, 4) in shapes and (2, 8) in shapes

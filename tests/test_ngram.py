@@ -10,15 +10,17 @@ A closing measurement (test_corpus_measurement, run with -s) prints the gated fr
 """
 import collections
 import math
+import re
 import time
 
 import numpy as np
+
 import pytest
 import torch
 
 import train_gpt_human as tg
-from conftest import TINY_ENV, TOKENIZER_8192
-from test_ttt_legality import make_hp, random_model, synthetic_luts
+from conftest import TINY_ENV, TOKENIZER_8192, count_scores
+from test_ttt_legality import make_hp, random_model, synthetic_tables
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 B = tg.BOS_ID
@@ -29,8 +31,11 @@ def runtime(tmp_path):
 
 
 def hints_of(tokens, tmp_path, scope, order=16, threshold=0.8, boost=2.625):
-    hp = make_hp(NGRAM_TILT=scope, NGRAM_ORDER=order, NGRAM_THRESHOLD=threshold, NGRAM_BOOST=boost)
-    return tg.ngram_tilt(torch.as_tensor(tokens), hp, runtime(tmp_path))
+    """ngram_tilt with NGRAM_ORDER, NGRAM_THRESHOLD and NGRAM_BOOST set to these."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (("NGRAM_ORDER", order), ("NGRAM_THRESHOLD", threshold), ("NGRAM_BOOST", boost)):
+            patch.setattr(tg, name, value)
+        return tg.ngram_tilt(torch.as_tensor(tokens), make_hp(NGRAM_TILT=scope), runtime(tmp_path))
 
 
 def reference(tokens, scope, order, threshold, boost):
@@ -72,8 +77,10 @@ def test_tilt_is_a_normalised_softmax_with_the_closed_form_nll():
     boosts = torch.tensor([[0.0, 0.5, 2.625, 6.0] * 3])
     every = torch.arange(V)[:, None].expand(V, T)  # row a scores token a at every position
     with torch.no_grad():
-        tilted = model(ids, every, reduction="none", tilt=(hints.expand(V, T), boosts.expand(V, T))).view(V, T)
+        tilted, untilted = model(ids, every, reduction="none", tilt=(hints.expand(V, T), boosts.expand(V, T))
+                                 ).view(2, V, T)
         plain = model(ids, every, reduction="none").view(V, T)
+    assert torch.equal(untilted, plain)  # the second half, the loss TTT trains on, is the plain NLL
     tilted, plain, cols = tilted.double(), plain.double(), torch.arange(T)
     assert torch.allclose(torch.exp(-tilted).sum(0), torch.ones(T, dtype=torch.float64), rtol=0, atol=1e-6)
     y = torch.randint(0, V, (T,), generator=g)
@@ -163,8 +170,8 @@ def repeated_document(length=300, copies=2, seed=0):
     return torch.cat([doc] * copies + [torch.tensor([B])])
 
 
-def tilted_luts(tokens, hp, tmp_path):
-    return synthetic_luts() + (None, tg.ngram_tilt(tokens, hp, runtime(tmp_path)))
+def tilted_tables(tokens, hp, tmp_path):
+    return synthetic_tables()._replace(tilt=tg.ngram_tilt(tokens, hp, runtime(tmp_path)))
 
 
 def test_sliding_eval_scores_once_and_the_tilt_lowers_the_loss_where_hints_fire(tmp_path):
@@ -172,61 +179,69 @@ def test_sliding_eval_scores_once_and_the_tilt_lowers_the_loss_where_hints_fire(
     P = len(tokens) - 1
     results = {}
     for scope, boost in (("", 2.625), ("doc", 2.625), ("stream", 2.625), ("stream", 0.0)):
-        hp = make_hp(NGRAM_TILT=scope, NGRAM_BOOST=boost)
-        luts = tilted_luts(tokens, hp, tmp_path) if scope else synthetic_luts()
-        counts = torch.zeros(P, dtype=torch.int64)
-        results[scope, boost] = tg.eval_sliding(random_model(hp), tokens, hp, runtime(tmp_path), luts, counts=counts)
+        hp = make_hp(NGRAM_TILT=scope)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(tg, "NGRAM_BOOST", boost)
+            tables = tilted_tables(tokens, hp, tmp_path) if scope else synthetic_tables()
+            counts = count_scores(patch, P)
+            results[scope, boost] = tg.eval_sliding(random_model(hp), tokens, hp, runtime(tmp_path), tables)
         assert torch.equal(counts, torch.ones(P, dtype=torch.int64)), (scope, boost)
     off = results["", 2.625]
     assert results["doc", 2.625] == off  # no context repeats inside the document: no hint, not a bit moved
     assert results["stream", 0.0] == off  # a zero boost adds nothing
     # the second copy's predictions after its first 14 are hinted right: each gains about 2.6 nats
-    gated = tilted_luts(tokens, make_hp(NGRAM_TILT="stream"), tmp_path)[4][1].gt(0).sum()
+    gated = tilted_tables(tokens, make_hp(NGRAM_TILT="stream"), tmp_path).tilt[1].gt(0).sum()
     assert int(gated) == 300 - 14
     assert off[0] - results["stream", 2.625][0] == pytest.approx(int(gated) / P * 2.61, rel=0.02)
 
 
-def test_chunk_ttt_scores_once_with_the_tilt(tmp_path):
+def test_chunk_ttt_scores_once_with_the_tilt(tmp_path, monkeypatch):
+    from test_ttt_legality import BATCH_SEQS
+    monkeypatch.setattr(tg, "TTT_BATCH_SEQS", BATCH_SEQS)
     tokens = repeated_document(length=600, copies=3)
     P = len(tokens) - 1
     losses = []
     for scope in ("", "stream"):
         hp = make_hp(NGRAM_TILT=scope, TTT_CHUNK_TOKENS=512)
-        luts = tilted_luts(tokens, hp, tmp_path) if scope else synthetic_luts()
-        counts = torch.zeros(P, dtype=torch.int64)
-        loss, bpb, adapted, n_chunks = tg.eval_ttt(random_model(hp), tokens, hp, runtime(tmp_path), luts,
-                                                   time.perf_counter(), counts)
+        tables = tilted_tables(tokens, hp, tmp_path) if scope else synthetic_tables()
+        with monkeypatch.context() as patch:
+            counts = count_scores(patch, P)
+            loss, bpb, adapted, n_chunks = tg.eval_ttt(random_model(hp), tokens, hp, runtime(tmp_path),
+                                                       tables, time.perf_counter())
         assert torch.equal(counts, torch.ones(P, dtype=torch.int64)) and (adapted, n_chunks) == (3, 4)
         losses.append(loss)
     assert losses[1] < losses[0] - 1.0  # two thirds of the predictions are hinted right
 
 
-def test_phased_ttt_scores_once_with_the_tilt(tmp_path):
-    from test_ttt_phased import PHASED, documents
+def test_phased_ttt_scores_once_with_the_tilt(tmp_path, monkeypatch):
+    from test_ttt_phased import CONSTANTS, PHASED, documents
+    for name, value in CONSTANTS.items():
+        monkeypatch.setattr(tg, name, value)
     tokens, _ = documents()
     tokens = torch.cat([tokens[:-1], tokens])  # every document twice: the second copies are hinted (scope stream)
     P = len(tokens) - 1
     losses = {}
-    for scope in ("", "doc", "stream"):
-        hp = make_hp(**PHASED, NGRAM_TILT=scope)
-        luts = tilted_luts(tokens, hp, tmp_path) if scope else synthetic_luts()
-        counts = torch.zeros(P, dtype=torch.int64)
-        losses[scope], _, adapted, n = tg.eval_ttt(random_model(hp), tokens, hp, runtime(tmp_path), luts,
-                                                    time.perf_counter(), counts)
+    for scope in ("", "doc", "stream"):  # stream: its hints (a phased run refuses that scope) on a doc-scope run
+        hp = make_hp(**PHASED, NGRAM_TILT=scope and "doc")
+        tables = tilted_tables(tokens, make_hp(NGRAM_TILT=scope), tmp_path) if scope else synthetic_tables()
+        with monkeypatch.context() as patch:
+            counts = count_scores(patch, P)
+            losses[scope], _, adapted, n = tg.eval_ttt(random_model(hp), tokens, hp, runtime(tmp_path),
+                                                        tables, time.perf_counter())
         assert torch.equal(counts, torch.ones(P, dtype=torch.int64)) and adapted == n == 14, scope
     assert losses["doc"] == pytest.approx(losses[""], rel=1e-6)  # random documents: nothing repeats inside one
     assert losses["stream"] < losses[""] - 0.5
 
 
 def test_settings_are_checked():
-    for env, message in (({"NGRAM_TILT": "ngram"}, "NGRAM_TILT must be one of , doc, stream, got 'ngram'"),
-                         ({"NGRAM_ORDER": "1"}, "NGRAM_ORDER must be >= 2, got 1"),
-                         ({"NGRAM_THRESHOLD": "1.5"}, r"NGRAM_THRESHOLD must be in \[0, 1\], got 1.5"),
-                         ({"NGRAM_BOOST": "-1"}, "NGRAM_BOOST must be >= 0, got -1.0"),
+    for env, message in (({"NGRAM_TILT": "ngram"}, "NGRAM_TILT must be one of ('', 'doc', 'stream'), got 'ngram'"),
+                         ({"NGRAM_ORDER": "8"}, "unknown setting NGRAM_ORDER='8'"),  # a constant now
                          ({"NGRAM_TILT_ENABLED": "1"}, "unknown setting NGRAM_TILT_ENABLED='1'")):  # #2135's name
-        with pytest.raises(tg.ConfigError, match=message):
+        with pytest.raises(tg.ConfigError, match=re.escape(message)):
             make_hp(**env)
     assert tg.ngram_tilt(torch.tensor([B, 5, 6]), make_hp(), None) is None  # off by default
+    with pytest.raises(tg.ConfigError, match="NGRAM_TILT=stream with TTT_MODE=phased: .* use NGRAM_TILT=doc"):
+        make_hp(NGRAM_TILT="stream", TTT_MODE="phased")
 
 
 @pytest.mark.slow  # builds the sp8192 shards and trains: ~2.5 min on a loaded 2-core box
@@ -238,22 +253,44 @@ def test_corpus_measurement(tiny_data_8192, tmp_path):
     hp = tg.Hyperparameters.from_env(env)
     rt = runtime(tmp_path)
     val = tg.load_val_tokens(hp)
-    luts = tg.build_byte_luts(tg.load_tokenizer(hp), hp.vocab_size)
+    tables = tg.build_byte_tables(tg.load_tokenizer(hp), hp.vocab_size)
     torch.manual_seed(0)
     model = tg.GPT(hp)
-    tg.train(model, hp, rt, val, luts)
-    tg.BankLinear.qat_enabled = False
-    report = {"": tg.eval_sliding(model, val, hp, rt, luts)[1]}
+    tg.train(model, hp, rt)
+    tg.LateQAT.enabled = False
+    report = {"": tg.eval_sliding(model, val, hp, rt, tables)[1]}
     for scope in ("doc", "stream"):
         hp_scope = tg.Hyperparameters.from_env(dict(env, NGRAM_TILT=scope))
         t0 = time.perf_counter()
         tilt = tg.ngram_tilt(val, hp_scope, rt)
         build = time.perf_counter() - t0
         gated = float((tilt[1] > 0).float().mean())
-        bpb = tg.eval_sliding(model, val, hp_scope, rt, (*luts, None, tilt))[1]
+        bpb = tg.eval_sliding(model, val, hp_scope, rt, tables._replace(tilt=tilt))[1]
         report[scope] = bpb
         print(f"ngram corpus: scope:{scope} tokens:{len(val)} docs:{int((val == B).sum())} gated:{gated:.4f} "
               f"build:{build:.2f}s bpb:{bpb:.4f} (off {report['']:.4f})")
         assert math.isfinite(bpb) and 0.005 < gated < 0.5
     assert report["stream"] < report[""] and report["doc"] < report[""]
     assert np.isfinite(report[""])
+
+
+def test_the_tilt_never_enters_a_ttt_training_loss(tmp_path):
+    """Phased TTT with NGRAM_TILT: the scores move, the adapters trained on the same documents do not (#2135 trains
+    on the untilted loss and tilts only the scored NLL)."""
+    from test_ttt_phased import PHASED, documents
+    tokens, _ = documents()
+    tokens = torch.cat([tokens[:-1], tokens])  # every document twice: the second copies are hinted (scope stream)
+    hp = make_hp(**PHASED, NGRAM_TILT="doc")
+    docs = tg.split_documents(tokens)[-4:]
+    results = {}
+    for tilted in (False, True):
+        model = random_model(hp)
+        for p in model.parameters():  # as phased TTT does: gradients reach the adapters alone
+            p.requires_grad_(False)
+        lora = tg.LoRA(model, len(docs), 0)
+        model.lora = lora
+        tables = tilted_tables(tokens, make_hp(NGRAM_TILT="stream"), tmp_path) if tilted else synthetic_tables()
+        totals = tg.score_doc_batch(model, lora, tokens, docs, hp, runtime(tmp_path), tables)
+        results[tilted] = totals, [b.detach().clone() for b in lora.B]
+    assert results[True][0][0] < results[False][0][0] - 1.0  # hinted: the scored NLL fell
+    assert all(torch.equal(a, b) for a, b in zip(results[False][1], results[True][1]))  # trained identically

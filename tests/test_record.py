@@ -16,24 +16,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 RECORD = {
     "data_path": "./data/datasets/fineweb10B_sp8192", "tokenizer_path": "./data/tokenizers/fineweb_8192_bpe.model",
     "vocab_size": 8192, "num_layers": 11, "model_dim": 512, "num_heads": 8, "num_kv_heads": 4, "mlp_mult": 4.0,
-    "leaky_slope": 0.5, "rope_dims": 16, "xsa_last_n": 11, "qk_gain_init": 5.0, "logit_softcap": 30.0,
-    "engram_buckets": 0, "ve_dim": 0, "num_loops": 2, "loop_start": 3, "loop_end": 5, "loop_enable_at": 0.35,
-    "parallel_start": 8, "smear": "gated", "attn_gate": 1, "doc_isolation": 1, "muon_variant": "eqr",
-    "muon_backend_steps": 5, "muon_momentum": 0.97, "muon_momentum_warmup_start": 0.92,
-    "muon_momentum_warmup_steps": 1500, "matrix_lr": 0.026, "muon_wd": 0.095, "adam_beta1": 0.9, "embed_beta1": 0.9,
+    "leaky_slope": 0.5, "qk_gain_init": 5.0, "engram_buckets": 0, "ve_dim": 0, "num_loops": 2,
+    "loop_start": 3, "loop_end": 5, "parallel_start": 8, "smear": "gated", "attn_gate": 1, "doc_isolation": 1,
+    "muon_variant": "eqr", "muon_momentum": 0.97, "matrix_lr": 0.026, "muon_wd": 0.095, "embed_beta1": 0.9,
     "adam_beta2": 0.99, "tied_embed_lr": 0.03, "embed_wd": 0.085, "scalar_lr": 0.02, "adam_wd": 0.02,
-    "grad_clip_norm": 0.3, "warmdown_frac": 0.85, "lr_floor": 0.10, "ema_decay": 0.9965, "swa_every": 0,
-    "qat_threshold": 0.0, "gptq_reserve_ms": 8000.0, "matrix_bits": 6, "embed_bits": 7,
-    "clip_sigmas_attn": 13.0, "clip_sigmas_mlp": 11.5, "clip_sigmas_embed": 14.0, "lqer_rank": 0, "lqer_top_k": 3,
-    "ttt_mode": "phased", "rope_ntk_len": 0, "attn_out_init": "zero",
+    "warmdown_frac": 0.85, "lr_floor": 0.10, "ema_decay": 0.9965, "swa_every": 0, "qat_threshold": 0.0,
+    "gptq_reserve_ms": 8000.0, "matrix_bits": 6, "embed_bits": 7, "lqer_rank": 0, "ttt_mode": "phased",
+    "rope_ntk_len": 0, "attn_out_init": "zero",
 }
 # The clean frontier's levers on top (#2014, #2060, #2135), typed from their logs' hyperparameter dumps.
 FRONTIER = {
-    "qk_gain_init": 5.25, "matrix_lr": 0.028, "lqer_rank": 2, "lqer_top_k": 4, "lqer_asym_group": 32,
-    "gptq_reserve_ms": 4000.0, "train_seq_len": 3072, "train_seq_schedule": "1024@0.1,2048@0.7",
-    "seq_change_warmup_steps": 32, "eval_seq_len": 3072, "ttt_lora_targets": "k,o,mlp", "ttt_lora_lr": 8e-5,
-    "ttt_lora_wd": 2.0, "ttt_phases": 1, "ttt_prefix_docs": 2500, "ttt_doc_batch": 64, "ttt_doc_chunk": 48,
-    "ttt_lora_rank": 80, "gptq_calib_batches": 16,
+    "qk_gain_init": 5.25, "matrix_lr": 0.028, "lqer_rank": 2, "gptq_reserve_ms": 4000.0,
+    "train_seq_len": 3072, "train_seq_schedule": "1024@0.1,2048@0.7", "eval_seq_len": 3072,
+    "ttt_lora_targets": "k,o,mlp", "ttt_lora_lr": 8e-5, "ttt_lora_wd": 2.0, "ttt_phases": 1,
+    "ttt_doc_batch": 64, "gptq_calib_batches": 16,
+}
+# The values of both that are fixed for every preset: the trainer's named constants (XSA is on every layer).
+CONSTANTS = {
+    "ROPE_DIMS": 16, "LOGIT_SOFTCAP": 30.0, "LOOP_ENABLE_AT": 0.35, "MUON_MOMENTUM_START": 0.92,
+    "MUON_MOMENTUM_WARMUP_STEPS": 1500, "ADAM_BETA1": 0.9, "GRAD_CLIP_NORM": 0.3,
+    "CLIP_SIGMAS": {"attn": 13.0, "mlp": 11.5, "embed": 14.0}, "LQER_TOP_K": 4, "LQER_GROUP": 32,
+    "SEQ_CHANGE_WARMUP_STEPS": 32, "TTT_PREFIX_DOCS": 2500, "DOC_CHUNK": 48, "LORA_RANK": 80,
 }
 TINY = {"NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "2", "PARALLEL_START": "3", "MODEL_DIM": "64",
         "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "VOCAB_SIZE": "1024", "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128"}
@@ -48,7 +51,9 @@ def record_hp(**overrides):
 def test_preset_table():
     hp = tg.Hyperparameters.from_env({"PRESET": "record"})
     wrong = {k: (getattr(hp, k), v) for k, v in {**RECORD, **FRONTIER}.items() if getattr(hp, k) != v}
+    wrong.update({k: (getattr(tg, k), v) for k, v in CONSTANTS.items() if getattr(tg, k) != v})
     assert not wrong
+    assert tg.MUON_STEPS[hp.muon_variant] == 5  # MuonEq-R's 5 Newton-Schulz steps
     torch.manual_seed(0)
     assert 35_800_000 < sum(p.numel() for p in tg.GPT(hp).parameters()) < 36_000_000  # the record's 35.9 M
     seed = tg.Hyperparameters.from_env({})
@@ -58,7 +63,7 @@ def test_preset_table():
     assert tg.Hyperparameters.from_env({"PRESET": "record", "NUM_LOOPS": "0"}).num_loops == 0  # env wins
     with pytest.raises(tg.ConfigError, match="PRESET='big' is not one of seed, record"):
         tg.Hyperparameters.from_env({"PRESET": "big"})
-    with pytest.raises(tg.ConfigError, match="SMEAR must be one of blend, gated"):
+    with pytest.raises(tg.ConfigError, match=r"SMEAR must be one of \('blend', 'gated'\)"):
         tg.Hyperparameters.from_env({"SMEAR": "both"})
     with pytest.raises(tg.ConfigError, match="LOOP_END < NUM_LAYERS"):
         tg.Hyperparameters.from_env({"NUM_LOOPS": "1", "LOOP_END": "11"})
@@ -82,7 +87,7 @@ def test_loops_switch_on_at_the_set_fraction_and_stay_on(tiny_data, tmp_path, mo
     model = tg.GPT(hp)
     seen, plain = [], tg.train_step
     monkeypatch.setattr(tg, "train_step", lambda *a: seen.append(model.looping) or plain(*a))
-    tg.train(model, hp, rt, None, None)
+    tg.train(model, hp, rt)
     # 2 warm-up steps (the second looped, so both graphs compile), then 10 steps: loops on from 35 % (step 4)
     assert seen == [False, True] + [False] * 4 + [True] * 6
     assert model.looping  # Hessians, eval and TTT run looped
@@ -99,7 +104,7 @@ def nll(model, seq):
     seq = torch.tensor([seq])
     x, y, docs = tg.device_batch(seq[:, :-1], seq[:, 1:], "cpu", 2048 * model.hp.doc_isolation)
     with torch.no_grad():
-        return model(x, y, reduction="none", docs=docs)
+        return model(x, y, reduction="none", segments=docs)
 
 
 def test_parallel_lanes_equal_a_parallel_block_when_routing_is_identity():
@@ -202,9 +207,10 @@ def test_muon_eqr_polar_express_band(shape):
 def test_schedule_flat_then_linear_to_the_floor():
     hp = tg.Hyperparameters.from_env({"PRESET": "record", "ITERATIONS": "1000"})
     cap = 100_000.0
-    by_time = [tg.lr_scale(hp, 1, frac * cap, cap) for frac in (0.0, 0.1, 0.15, 0.5, 0.8, 0.915, 0.95, 1.0)]
+    fractions = (0.0, 0.1, 0.15, 0.5, 0.8, 0.915, 0.95, 1.0)
+    by_time = [tg.lr_schedule(hp, 1, frac * cap, cap) for frac in fractions]
     assert by_time == pytest.approx([1.0, 1.0, 1.0, 0.5 / 0.85, 0.2 / 0.85, 0.1, 0.1, 0.1])
-    by_steps = [tg.lr_scale(hp, step, 0.0, 0.0) for step in (0, 150, 575, 1000)]
+    by_steps = [tg.lr_schedule(hp, step, 0.0, 0.0) for step in (0, 150, 575, 1000)]
     assert by_steps == pytest.approx([1.0, 1.0, 0.5, 0.1])
 
 
@@ -214,7 +220,7 @@ def test_record_preset_end_to_end(tiny_data_8192, tmp_path):
     env = dict(TINY, PRESET="record", DEVICE="cpu", COMPILE="0", VOCAB_SIZE="8192", DATA_PATH=str(tiny_data_8192),
                TOKENIZER_PATH=str(TOKENIZER_8192), RUN_ID="record", TRAIN_BATCH_TOKENS="2048", GRAD_ACCUM_STEPS="1",
                ITERATIONS="40", WARMUP_STEPS="2", TRAIN_LOG_EVERY="10", VAL_MAX_TOKENS="4097", EVAL_BATCH_SEQS="8",
-               TTT_CHUNK_TOKENS="1024", TTT_BATCH_SEQS="4", TTT_DOC_BATCH="2", GPTQ_CALIB_BATCHES="2",
+               TTT_CHUNK_TOKENS="1024", TTT_DOC_BATCH="2", GPTQ_CALIB_BATCHES="2",
                OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
     rc, out = run_script(REPO / "train_gpt_human.py", env, tmp_path, timeout=600)
     assert rc == 0, out[-3000:]

@@ -29,37 +29,38 @@ def setup(data, **overrides):
                                           **overrides))
     val = tg.load_val_tokens(hp)
     sidecar = tg.load_val_bytes(hp, len(val))
-    luts = (*tg.build_byte_luts(tg.load_tokenizer(hp), 8192), sidecar)
+    tables = tg.build_byte_tables(tg.load_tokenizer(hp), 8192)._replace(sidecar=sidecar)
     torch.manual_seed(0)
-    return hp, val, sidecar, luts, tg.GPT(hp)
+    return hp, val, sidecar, tables, tg.GPT(hp)
 
 
 def test_sidecar_bytes_are_the_original_texts_bytes(caseops_data):
-    hp, val, sidecar, luts, _ = setup(caseops_data)
+    hp, val, sidecar, tables, _ = setup(caseops_data)
     texts = list(fineweb.iter_docs(CORPUS, max_docs=6))
     assert len(sidecar) == len(val) and int((val == tg.BOS_ID).sum()) == 6
     assert int(sidecar.sum()) == sum(len(t.encode("utf-8")) for t in texts)  # every byte of the 6 documents, once
     assert int(sidecar[val == tg.BOS_ID].abs().sum()) == 0 and int(sidecar[(val >= 4) & (val <= 7)].sum()) == 0
-    table = int(tg.token_bytes(luts, val[:-1], val[1:]).sum())  # the tables would count each operator's 3 bytes
+    table = int(tg.token_bytes(tables, val[:-1], val[1:]).sum())  # the tables count each operator's 3 bytes
     assert table > int(sidecar[1:].sum())
 
 
 @pytest.mark.parametrize("mode", ["sliding", "chunk", "phased"])
-def test_every_eval_mode_counts_the_sidecar(caseops_data, tmp_path, mode):
-    hp, val, sidecar, luts, model = setup(caseops_data, TTT_MODE="phased" if mode == "phased" else "chunk",
-                                          TTT_DOC_BATCH="2", TTT_PREFIX_DOCS="2", TTT_PHASES="1")
+def test_every_eval_mode_counts_the_sidecar(caseops_data, tmp_path, mode, monkeypatch, scored_counts):
+    monkeypatch.setattr(tg, "TTT_PREFIX_DOCS", 2)
+    hp, val, sidecar, tables, model = setup(caseops_data, TTT_MODE="phased" if mode == "phased" else "chunk",
+                                          TTT_DOC_BATCH="2", TTT_PHASES="1")
     val = val[:4097]
     rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "log.txt"))
-    counts = torch.zeros(len(val) - 1, dtype=torch.int64)
+    counts = scored_counts(len(val) - 1)
     if mode == "sliding":
-        loss, bpb = tg.eval_sliding(model, val, hp, rt, luts, counts=counts)
+        loss, bpb = tg.eval_sliding(model, val, hp, rt, tables)
     else:
-        loss, bpb, *_ = tg.eval_ttt(model, val, hp, rt, luts, time.perf_counter(), counts)
+        loss, bpb, *_ = tg.eval_ttt(model, val, hp, rt, tables, time.perf_counter())
     assert torch.equal(counts, torch.ones_like(counts))
     predictions, nbytes = len(val) - 1, int(sidecar[1:len(val)].sum())
     assert bpb == pytest.approx(loss * predictions / math.log(2) / nbytes, rel=1e-9)
     if mode == "sliding":  # the same scores counted with the tokenizer tables: the same loss, other bytes
-        plain_loss, plain_bpb = tg.eval_sliding(model, val, hp, rt, luts[:3])
+        plain_loss, plain_bpb = tg.eval_sliding(model, val, hp, rt, tables._replace(sidecar=None))
         assert plain_loss == loss and plain_bpb < 0.99 * bpb
 
 

@@ -418,3 +418,321 @@ def test_training_done_and_eval_phase_lines(tmp_path):
     r = sl.parse_log(p)
     assert r["steps"] == 300 and r["train_s"] == pytest.approx(30.123)
     assert r["eval_s"] == pytest.approx(13.9)
+
+
+# ---------------------------------------------------------------------------
+# log fields of the current trainer, finished / failed seeds
+# ---------------------------------------------------------------------------
+
+# A trainer "script" whose defaults the records tool reads (ttt_mode chunk, PRESETS.record: vocab 8192)
+FAKE_TRAINER = '''import dataclasses
+@dataclasses.dataclass
+class Hyperparameters:
+    preset: str = "seed"
+    vocab_size: int = 1024
+    run_id: str = ""
+    seed: int = 1337
+    val_max_tokens: int = 0
+    ttt_enabled: int = 1
+    ttt_mode: str = "chunk"
+    ttt_lr: float = 0.02
+    eval_budget_seconds: float = 570.0
+PRESETS = {"seed": {}, "record": dict(vocab_size=8192, ttt_mode="phased")}
+'''
+BASE_CONFIG = {"preset": "seed", "vocab_size": "1024", "run_id": "x", "seed": "0", "val_max_tokens": "0",
+               "ttt_enabled": "1", "ttt_mode": "phased", "ttt_lr": "0.02", "eval_budget_seconds": "570.0"}
+FULL_SP1024 = 62_021_846
+
+
+def write_record_log(path, seed, *, code_sha, config=None, val_tokens=FULL_SP1024, hessians_ms=596_000,
+                     eval_phase_s=530.0, **kw):
+    """write_log plus the current trainer's lines: code_sha256, config, val_tokens, gptq:hessians,
+    eval_phase_time (None drops one)."""
+    cfg = dict(BASE_CONFIG, run_id=Path(path).stem, seed=str(seed), **(config or {}))
+    write_log(path, seed, code_dump=False, **kw)
+    head = [f"code_sha256:{code_sha} python:3.12.3 torch:2.9.1+cu128 brotli:True"] if code_sha else []
+    head.append("config: " + " ".join(f"{k}={v}" for k, v in cfg.items()))
+    if val_tokens is not None:
+        head.append(f"val_tokens:{val_tokens} val_docs:50000 train_shards:80 bytes:tokenizer")
+    text = Path(path).read_text().replace(f"seed:{seed}\n", f"seed:{seed}\n" + "\n".join(head) + "\n", 1)
+    if hessians_ms is not None:
+        gptq = (f"gptq:hessians batches:64 time:6000ms reserve:12000ms train+hessians:{hessians_ms}ms "
+                "cap:600000ms within_cap:True")
+        text = text.replace("peak memory", gptq + "\npeak memory")
+    if eval_phase_s is not None:
+        text += f"eval_phase_time:{eval_phase_s}s (timed: sliding and TTT)\n"
+    Path(path).write_text(text)
+    return Path(path)
+
+
+def test_parse_current_trainer_lines(tmp_path):
+    p = write_record_log(tmp_path / "a.txt", 42, code_sha="0123456789abcdef", config={"ve_layers": ""},
+                         hessians_ms=598_123)
+    r = sl.parse_log(p)
+    assert r["code_sha256"] == "0123456789abcdef" and r["python"] == "3.12.3" and r["torch"] == "2.9.1+cu128"
+    assert r["config"]["ttt_mode"] == "phased" and r["config"]["seed"] == "42"
+    assert r["config"]["ve_layers"] == ""
+    assert r["val_tokens"] == FULL_SP1024
+    assert r["train_hessians_ms"] == 598_123
+    assert r["eval_phase_s"] == 530.0 and r["eval_s"] == 530.0
+    assert r["expected_stage"] == "ttt" and r["problem"] is None
+
+
+def test_parse_config_value_with_spaces():
+    assert sl.parse_config("a=1 b=x y c= d=2") == {"a": "1", "b": "x y", "c": "", "d": "2"}
+
+
+def test_eval_seconds_fallback_counts_only_timed_lines(tmp_path):
+    p = write_log(tmp_path / "a.txt", 1, sliding_eval_ms=5_000, ttt_eval_ms=7_000)
+    roundtrip = "final_int6_roundtrip_exact val_loss:1.94000000 val_bpb:1.14900000"
+    p.write_text(p.read_text().replace(roundtrip, roundtrip + " eval_time:9000ms"))
+    r = sl.parse_log(p)
+    assert r["finals"]["roundtrip"]["eval_time_ms"] == 9000
+    assert r["eval_s"] == pytest.approx(12.0)  # sliding + TTT; the roundtrip diagnostic is not timed
+
+
+@pytest.mark.parametrize("config, drop, problem", [
+    ({}, {"ttt": None}, "no final_int6_ttt_exact line"),
+    ({"ttt_enabled": "0"}, {"ttt": None}, None),
+    ({"ttt_enabled": "0"}, {"ttt": None, "sliding": None}, "no final_int6_sliding_window_exact line"),
+    ({}, {"ttt": None, "sliding": None, "roundtrip": None}, "no final_*_exact score line"),
+])
+def test_incomplete_run_named(tmp_path, config, drop, problem):
+    r = sl.parse_log(write_record_log(tmp_path / "a.txt", 1, code_sha="ab", config=config, **drop))
+    assert (r["problem"] is None) if problem is None else (problem in r["problem"])
+
+
+def test_log_with_two_runs_is_not_finished(tmp_path):
+    p = write_record_log(tmp_path / "a.txt", 1, code_sha="ab")
+    p.write_text(p.read_text() * 2)
+    assert "holds 2 runs" in sl.parse_log(p)["problem"]
+
+
+def test_failed_and_incomplete_seeds_are_marked_not_averaged(three_logs, tmp_path):
+    crashed = write_log(tmp_path / "crash.txt", 7)
+    crashed.write_text(crashed.read_text().split("peak memory")[0])  # died after training
+    runs = [sl.parse_log(p) for p in [three_logs[0], crashed, three_logs[1]]]
+    s = sl.summarize(runs, baseline_loss=1.95, failed_seeds=[1337, 99])
+    assert [row["status"] for row in s["rows"]] == ["ok", "incomplete", "failed"]
+    assert s["n_finished"] == 1 and s["missing_seeds"] == [99]
+    assert s["stats"]["score_val_loss"]["n"] == 1
+    assert s["stats"]["score_val_loss"]["mean"] == pytest.approx(TTT_LOSS[0])
+    assert s["significance"]["n"] == 1
+    report = sl.format_report(s)
+    assert "INCOMPLETE: seed 7 (crash.txt): no final_*_exact score line" in report
+    assert "FAILED: seed 1337 (run_seed1337.txt): the deploy script reported this seed as failed" in report
+    assert "FAILED: seed 99: no log came back" in report
+    assert "finished: 1 of 4 seeds" in report
+    assert "incomplete |" in sl.format_table(s)
+    sub = sl.build_submission(s, "n", "a", "g", "b", "2025-01-01")
+    assert sub["seeds"] == [42] and [e["seed"] for e in sub["per_seed"]] == [42]
+    assert [(e["seed"], e["status"]) for e in sub["not_finished"]] == [(7, "incomplete"), (1337, "failed"),
+                                                                       (99, "failed")]
+
+
+# ---------------------------------------------------------------------------
+# records folder (tools/record_folder.py through the CLI)
+# ---------------------------------------------------------------------------
+
+import record_folder as rf  # noqa: E402
+
+HESSIANS_MS = (596_000, 597_500, 595_250)
+EVAL_S = (530.0, 541.2, 529.9)
+
+
+def make_record_set(tmp_path, **per_seed):
+    """The shipped script and three clean seed logs; per_seed={kwarg: (v42, v1337, v2025)} overrides."""
+    code = tmp_path / "train_gpt.py"
+    code.write_text(FAKE_TRAINER)
+    sha = rf.code_sha256(code)
+    logs = []
+    for i, seed in enumerate(per_seed.pop("seed", SEEDS)):
+        kw = dict(code_sha=sha, ttt=(TTT_LOSS[i], TTT_BPB[i]), total_bytes=BYTES[i], steps=6781 + i,
+                  train_ms=590_000 + i, hessians_ms=HESSIANS_MS[i], eval_phase_s=EVAL_S[i])
+        kw.update({k: v[i] for k, v in per_seed.items()})
+        logs.append(write_record_log(tmp_path / f"run_{i}.txt", seed, **kw))
+    return code, logs
+
+
+def run_record(code, logs, out, *extra):
+    return run_cli(*logs, "--records-dir", out, "--code", code, "--date", "2025-01-02",
+                   "--name", "Test Record", "--blurb", "What changed: phased TTT.", *extra)
+
+
+def check_lines(stdout):
+    """{check name: its line} of the tool's output."""
+    return {line.split(":")[0][len("check "):]: line
+            for line in stdout.splitlines() if line.startswith("check ")}
+
+
+def test_records_folder_from_clean_logs(tmp_path):
+    code, logs = make_record_set(tmp_path)
+    out = tmp_path / "records" / "2025-01-02_test"
+    r = run_record(code, logs, out, "--baseline-loss", "1.95")
+    assert r.returncode == 0, r.stdout + r.stderr
+    checks = check_lines(r.stdout)
+    assert list(checks) == list(rf.CHECK_NAMES) and all(": PASS: " in v for v in checks.values()), checks
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "run_0.txt", "run_1.txt", "run_2.txt",
+                                                      "submission.json", "train_gpt.py"]
+    assert (out / "train_gpt.py").read_bytes() == code.read_bytes()
+    assert all((out / p.name).read_bytes() == p.read_bytes() for p in logs)
+    readme = (out / "README.md").read_text()
+    assert readme.startswith("# Test Record\n\n2025-01-02. What changed: phased TTT.\n")
+    m, sd = statistics.mean(TTT_BPB), statistics.stdev(TTT_BPB)
+    assert f"**val_bpb {m:.5f} ± {sd:.5f}**" in readme
+    # seed, steps, ms/step, train ms, train+Hessians ms, pre-quant, roundtrip, final, eval s, bytes
+    rows = [line for line in readme.splitlines() if line.startswith("| 42 |") or line.startswith("| 1337 |")]
+    assert rows == ["| 42 | 6,781 | 87.01 | 590,000 | 596,000 | 1.14500 | 1.14900 | 1.11300 | 530.0 | "
+                    "15,973,579 |",
+                    "| 1337 | 6,782 | 87.01 | 590,001 | 597,500 | 1.14500 | 1.14900 | 1.11600 | 541.2 | "
+                    "15,980,001 |"]
+    assert (f"| mean | 6,782 | 87.01 | 590,001 | 596,250 | 1.14500 | 1.14900 | {m:.5f} | "
+            f"{statistics.mean(EVAL_S):.1f} | {statistics.mean(BYTES):,.0f} |") in readme
+    assert "Significance: [one_sample_constant_baseline]" in readme and "-> SIGNIFICANT" in readme
+    assert "Hardware: 8xH100 80GB SXM (given by --hardware; the logs do not name the GPU); from the logs: " \
+           "world_size 8, device cuda; torch 2.9.1+cu128, python 3.12.3." in readme
+    assert "| `TTT_MODE` | `phased` | `chunk` |" in readme
+    assert [line for line in readme.splitlines() if line.startswith("| `")] == [
+        "| `TTT_MODE` | `phased` | `chunk` |"]  # the only setting off its default
+    assert "SEED=<seed> TTT_MODE=phased torchrun --standalone --nproc_per_node=8 train_gpt.py" in readme
+    assert readme.count("- [x] ") == len(rf.CHECKS) and "- [ ]" not in readme
+    sub = json.loads((out / "submission.json").read_text())
+    assert sub["val_bpb"] == pytest.approx(m) and sub["val_bpb_std"] == pytest.approx(sd)
+    assert sub["seeds"] == list(SEEDS) and sub["bytes_total"] == max(BYTES) and sub["date"] == "2025-01-02"
+    assert set(sub["checklist"].values()) == {"pass"} and sub["significance"]["significant"] is True
+    # deterministic: a second build is byte for byte the same
+    out2 = tmp_path / "again"
+    assert run_record(code, logs, out2, "--baseline-loss", "1.95").returncode == 0
+    assert all((out / n).read_bytes() == (out2 / n).read_bytes() for n in ("README.md", "submission.json"))
+
+
+@pytest.mark.parametrize("item, overrides, baseline, message", [
+    ("code_hash", {"code_sha": (None, "ffffffffffffffff", None)}, "1.95",
+     "seed 1337 (run_1.txt) ran code ffffffffffffffff"),
+    ("artifact_bytes", {"total_bytes": (15_973_579, 16_000_001, 15_970_000)}, "1.95",
+     "seed 1337 (run_1.txt): 16,000,001 bytes > 16,000,000"),
+    ("eval_time", {"eval_phase_s": (530.0, 541.2, 600.5)}, "1.95",
+     "seed 2025 (run_2.txt): timed eval 600.5 s > 600 s"),
+    ("eval_time", {"eval_phase_s": (530.0, None, 529.9)}, "1.95",
+     "seed 1337 (run_1.txt) has no eval_phase_time: line"),
+    ("train_time", {"hessians_ms": (600_100, 597_500, 595_250)}, "1.95",
+     "seed 42 (run_0.txt): training + Hessians 600.1 s > 600 s"),
+    ("val_tokens", {"val_tokens": (62_000_000,) * 3}, "1.95",
+     "62,000,000 tokens, not the 62,021,846 of the full sp1024 set"),
+    ("val_tokens", {"val_tokens": (FULL_SP1024, FULL_SP1024 - 1, FULL_SP1024)}, "1.95",
+     "different token counts: 62,021,846 on seed 42 (run_0.txt), seed 2025 (run_2.txt); "
+     "62,021,845 on seed 1337"),
+    ("val_tokens", {"config": ({"val_max_tokens": "1000"},) * 3, "val_tokens": (1000,) * 3}, "1.95",
+     "seed 42 (run_0.txt), seed 1337 (run_1.txt), seed 2025 (run_2.txt) scored a prefix: "
+     "val_max_tokens=1000"),
+    ("seeds", {"seed": (42, 42, 2025)}, "1.95", "repeated seed 42 in run_0.txt, run_1.txt"),
+    ("same_config", {"config": ({}, {"ttt_lr": "0.03"}, {})}, "1.95",
+     "seed 1337 (run_1.txt) differs from seed 42 (run_0.txt): ttt_lr=0.03 vs 0.02"),
+    ("finished", {"ttt": ((1.88, 1.113), None, (1.883, 1.115))}, "1.95",
+     "seed 1337 (run_1.txt): incomplete: no final_int6_ttt_exact line"),
+    ("significance", {}, "1.888", "-> not significant"),
+    ("significance", {}, None, "no baseline given: pass --baseline-loss X or --baseline-logs LOGS"),
+])
+def test_records_checklist_catches(tmp_path, item, overrides, baseline, message):
+    code, logs = make_record_set(tmp_path, **overrides)
+    out = tmp_path / "rec"
+    r = run_record(code, logs, out, *(("--baseline-loss", baseline) if baseline else ()))
+    assert r.returncode == 1, r.stdout + r.stderr
+    checks = check_lines(r.stdout)
+    failed = [name for name, line in checks.items() if ": FAIL: " in line]
+    assert failed == [item], checks
+    assert message in checks[item]
+    assert (f"records folder not written: 1 check(s) failed: {item} "
+            f"(fix them, or pass --allow {item}") in r.stdout
+    assert not out.exists()
+
+
+def test_records_allow_writes_and_says_so(tmp_path):
+    code, logs = make_record_set(tmp_path, total_bytes=(15_973_579, 16_000_001, 15_970_000))
+    out = tmp_path / "rec"
+    r = run_record(code, logs, out, "--baseline-loss", "1.95", "--allow", "artifact_bytes")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "check artifact_bytes: ALLOWED: seed 1337 (run_1.txt): 16,000,001 bytes" in r.stdout
+    readme = (out / "README.md").read_text()
+    assert "- [ ] **FAILED, allowed by `--allow artifact_bytes`**" in readme and readme.count("- [x] ") == 8
+    sub = json.loads((out / "submission.json").read_text())
+    assert sub["checklist"]["artifact_bytes"].startswith("FAILED (allowed): seed 1337")
+
+
+def test_records_val_tokens_known_only_by_flag(tmp_path):
+    config = ({"vocab_size": "8192", "preset": "record", "ttt_mode": "phased"},) * 3
+    code, logs = make_record_set(tmp_path, config=config, val_tokens=(47_000_000,) * 3)
+    r = run_record(code, logs, tmp_path / "a", "--baseline-loss", "1.95")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "only the equality across seeds was checked: no full count is known for vocab_size 8192" \
+        in r.stdout
+    readme = (tmp_path / "a" / "README.md").read_text()
+    # vocab 8192 and phased TTT are the record preset's own: only PRESET itself differs
+    settings = [line for line in readme.splitlines() if line.startswith("| `")]
+    assert settings == ["| `PRESET` | `record` | `seed` |"]
+    assert "SEED=<seed> PRESET=record torchrun" in readme
+    r = run_record(code, logs, tmp_path / "b", "--baseline-loss", "1.95", "--val-tokens", "47000001")
+    assert r.returncode == 1 and "47,000,000 tokens, not the 47,000,001 of --val-tokens" in r.stdout
+
+
+def test_records_bad_input_named(tmp_path):
+    code, logs = make_record_set(tmp_path)
+    r = run_cli(*logs, "--allow", "seeds")
+    assert r.returncode == 2 and "--allow works only with --records-dir DIR" in r.stderr
+    r = run_record(code, logs, tmp_path / "x", "--allow", "seeds,nope")
+    assert r.returncode == 2 and "--allow: unknown check nope; the checks are finished, code_hash" in r.stderr
+    r = run_record(tmp_path / "missing.py", logs, tmp_path / "x")
+    assert r.returncode == 2 and "--code" in r.stderr and "missing.py: no such file" in r.stderr
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    r = run_record(code, logs, tmp_path / "full")
+    assert r.returncode == 2 and "already exists and is not empty" in r.stderr
+    (tmp_path / "sub").mkdir()
+    twin = write_record_log(tmp_path / "sub" / "run_0.txt", 7, code_sha=rf.code_sha256(code))
+    r = run_record(code, [*logs, twin], tmp_path / "y", "--baseline-loss", "1.95")
+    assert r.returncode == 2 and "logs named run_0.txt would collide" in r.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_script_defaults_from_the_shipped_artifact():
+    defaults, presets = rf.script_defaults(REPO / "train_gpt.py")
+    assert defaults["num_layers"] == 11 and defaults["target_bytes"] == 16_000_000
+    assert defaults["preset"] == "seed"
+    assert presets["record"]["vocab_size"] == 8192 and presets["seed"] == {}
+
+
+@pytest.mark.parametrize("codec", ["b85", "latin1"])
+def test_script_defaults_through_a_stub(tmp_path, codec):
+    import base64
+    import lzma
+    blob = lzma.compress(FAKE_TRAINER.encode(), format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
+    tail = ',lzma.FORMAT_RAW,None,[{"id":lzma.FILTER_LZMA2}]).decode())\n'
+    if codec == "b85":
+        text = ('import lzma,base64\nexec(lzma.decompress(base64.b85decode("'
+                + base64.b85encode(blob).decode() + '")')
+    else:
+        lit = blob.decode("latin-1").replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        lit = lit.replace("\r", "\\r").replace("\0", "\\x00")
+        text = '#coding:l1\nimport lzma\nexec(lzma.decompress("' + lit + '".encode("l1")'
+    path = tmp_path / "art.py"
+    path.write_bytes((text + tail).encode("latin-1"))
+    defaults, presets = rf.script_defaults(path)
+    assert defaults["ttt_mode"] == "chunk" and defaults["eval_budget_seconds"] == 570.0
+    assert presets == {"seed": {}, "record": {"vocab_size": 8192, "ttt_mode": "phased"}}
+
+
+def test_records_dry_run_on_the_repo_cpu_logs(tmp_path):
+    """The repo's own tiny CPU logs: complete and consistent, but a prefix of the validation set."""
+    logs = sorted((REPO / "logs" / "cpu_tiny").glob("tiny_seed*.txt"))
+    if len(logs) != 3:
+        pytest.skip("logs/cpu_tiny has no three seed logs")
+    out = tmp_path / "dry"
+    r = run_cli(*logs, "--records-dir", out, "--date", "2025-01-02",
+                "--allow", "code_hash,val_tokens,significance")
+    assert r.returncode == 0, r.stdout + r.stderr
+    checks = check_lines(r.stdout)
+    for name in ("finished", "same_config", "train_time", "eval_time", "artifact_bytes", "seeds"):
+        assert ": PASS: " in checks[name], checks[name]
+    assert "scored a prefix: val_max_tokens=32769" in checks["val_tokens"]
+    assert ": ALLOWED: no baseline given" in checks["significance"]
+    assert "Hardware: CPU; from the logs: world_size 1, device cpu" in (out / "README.md").read_text()

@@ -1,9 +1,9 @@
 """Behaviour of score-first TTT (eval_ttt) on a tiny CPU model trained 30 steps on the shared corpus:
-it helps where it should, it is a no-op when it should be, its knobs (entropy-adaptive epochs, eval budget,
-frozen blocks) do what they say, and two gloo ranks give the one-rank answer.
+it helps where it should, it is a no-op when it should be, its knobs (entropy-adaptive epochs, eval budget)
+do what they say, and two gloo ranks give the one-rank answer.
 
 A closing benchmark (test_benchmark_report, run with -s to see it) prints bpb and wall time for no TTT /
-SGD / Muon / Muon + entropy-adaptive epochs; it asserts only that Muon TTT beats no TTT.
+Muon / Muon + entropy-adaptive epochs; it asserts only that Muon TTT beats no TTT.
 """
 import copy
 import time
@@ -16,6 +16,12 @@ from conftest import TINY_ENV, TOKENIZER_1024
 from test_ttt_legality import run_ranks
 
 C = 512  # TTT_CHUNK_TOKENS unless a test says otherwise (a multiple of EVAL_STRIDE, see test_no_adaptation_...)
+BATCH_SEQS = 4  # tg.TTT_BATCH_SEQS for these tests
+
+
+@pytest.fixture(autouse=True)
+def ttt_batch_seqs(monkeypatch):
+    monkeypatch.setattr(tg, "TTT_BATCH_SEQS", BATCH_SEQS)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,8 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def env_for(data_path, **overrides):
     env = dict(TINY_ENV, DATA_PATH=str(data_path), TOKENIZER_PATH=str(TOKENIZER_1024), ITERATIONS="30",
-               TTT_CHUNK_TOKENS=str(C), EVAL_SEQ_LEN="128", EVAL_STRIDE="64", TTT_BATCH_SEQS="4",
-               EVAL_BUDGET_SECONDS="100000")
+               TTT_CHUNK_TOKENS=str(C), EVAL_SEQ_LEN="128", EVAL_STRIDE="64", EVAL_BUDGET_SECONDS="100000")
     env.update({k: str(v) for k, v in overrides.items()})
     return env
 
@@ -37,15 +42,15 @@ class Trained:
         self.env = env_for(data_path)
         self.hp = tg.Hyperparameters.from_env(self.env)
         self.rt = tg.Runtime(0, 1, torch.device("cpu"), str(log_dir / "log.txt"))
-        self.luts = tg.build_byte_luts(tg.load_tokenizer(self.hp), self.hp.vocab_size)
+        self.tables = tg.build_byte_tables(tg.load_tokenizer(self.hp), self.hp.vocab_size)
         self.val = tg.load_val_tokens(self.hp)  # 8193 tokens (VAL_MAX_TOKENS)
         torch.manual_seed(0)
         model = tg.GPT(self.hp)
-        tg.BankLinear.qat_enabled = False
+        tg.LateQAT.enabled = False
         t0 = time.perf_counter()
-        tg.train(model, self.hp, self.rt, self.val, self.luts)
+        tg.train(model, self.hp, self.rt)
         self.train_s = time.perf_counter() - t0
-        tg.BankLinear.qat_enabled = False
+        tg.LateQAT.enabled = False
         self.state = copy.deepcopy(model.state_dict())
 
     def model(self):
@@ -56,12 +61,12 @@ class Trained:
     def hp_with(self, **overrides):
         return tg.Hyperparameters.from_env(env_for(self.data_path, **overrides))
 
-    def ttt(self, tokens, counts=None, **overrides):
-        return tg.eval_ttt(self.model(), tokens, self.hp_with(**overrides), self.rt, self.luts,
-                           time.perf_counter(), counts)
+    def ttt(self, tokens, **overrides):
+        return tg.eval_ttt(self.model(), tokens, self.hp_with(**overrides), self.rt, self.tables,
+                           time.perf_counter())
 
     def sliding(self, tokens):
-        return tg.eval_sliding(self.model(), tokens, self.hp, self.rt, self.luts)
+        return tg.eval_sliding(self.model(), tokens, self.hp, self.rt, self.tables)
 
 
 @pytest.fixture(scope="module")
@@ -77,21 +82,19 @@ def repeated_passage(n_repeats=5, length=640, seed=0):
     return torch.cat([passage] * n_repeats + [passage[:1]])
 
 
-@pytest.mark.parametrize("optimizer,max_bpb_gain", [("muon", -0.3), ("sgd", -0.1)])
-def test_ttt_lowers_bpb_on_repeated_passages(trained, optimizer, max_bpb_gain):
+def test_ttt_lowers_bpb_on_repeated_passages(trained, scored_counts):
     tokens = repeated_passage()
     _, base_bpb = trained.sliding(tokens)  # what TTT_ENABLED=0 reports
-    counts = torch.zeros(len(tokens) - 1, dtype=torch.int64)
-    loss, bpb, adapted, n_chunks = trained.ttt(tokens, counts, TTT_OPTIMIZER=optimizer)
-    print(f"repeated passage: no-ttt bpb {base_bpb:.4f}  {optimizer} ttt bpb {bpb:.4f}")
+    counts = scored_counts(len(tokens) - 1)
+    loss, bpb, adapted, n_chunks = trained.ttt(tokens)
+    print(f"repeated passage: no-ttt bpb {base_bpb:.4f}  ttt bpb {bpb:.4f}")
     assert (adapted, n_chunks) == (6, 7)
     assert torch.equal(counts, torch.ones_like(counts))
-    # measured on the reference box: muon 3.41 -> 2.79, sgd (lr 0.02, 2 epochs) 3.41 -> 3.18
-    assert bpb - base_bpb < max_bpb_gain
+    # measured on the reference box: 3.41 -> 2.79
+    assert bpb - base_bpb < -0.3
 
 
-@pytest.mark.parametrize("overrides", [dict(TTT_EPOCHS=0), dict(TTT_LR=0.0), dict(TTT_LR=0.0, TTT_OPTIMIZER="sgd")],
-                         ids=["epochs0", "lr0-muon", "lr0-sgd"])
+@pytest.mark.parametrize("overrides", [dict(TTT_EPOCHS=0), dict(TTT_LR=0.0)], ids=["epochs0", "lr0"])
 def test_no_adaptation_equals_sliding_eval(trained, overrides):
     # With TTT_CHUNK_TOKENS a multiple of EVAL_STRIDE (and >= EVAL_SEQ_LEN) the per-chunk windows are exactly
     # the sliding-window eval's windows, so without adaptation the two numbers must agree.
@@ -102,23 +105,23 @@ def test_no_adaptation_equals_sliding_eval(trained, overrides):
     assert abs(ttt_loss - loss) < 1e-9 and abs(ttt_bpb - bpb) < 1e-9
 
 
-def test_chunk_epochs_entropy_adaptive():
+def test_chunk_epochs_entropy_adaptive(monkeypatch):
     hp = tg.Hyperparameters.from_env({"TTT_EPOCHS": "5"})
     assert [tg.chunk_epochs(hp, x) for x in (0.5, 1.75, 3.0)] == [5, 5, 5]  # off: always TTT_EPOCHS
     hp = tg.Hyperparameters.from_env({"TTT_EPOCHS": "5", "TTT_ENTROPY_ADAPT": "1"})
-    assert (hp.ttt_entropy_low, hp.ttt_entropy_high) == (1.75, 2.1)
+    assert tg.TTT_ENTROPY_BOUNDS == (1.75, 2.1)
     got = [tg.chunk_epochs(hp, x) for x in (0.0, 1.0, 1.7499, 1.75, 1.9, 2.1, 2.1001, 2.5, 9.0)]
     assert got == [2, 2, 2, 3, 3, 3, 4, 4, 4]
-    hp = tg.Hyperparameters.from_env({"TTT_ENTROPY_ADAPT": "1", "TTT_ENTROPY_LOW": "3", "TTT_ENTROPY_HIGH": "4"})
+    monkeypatch.setattr(tg, "TTT_ENTROPY_BOUNDS", (3.0, 4.0))  # the bounds are read at each call
     assert [tg.chunk_epochs(hp, x) for x in (2.9, 3.5, 4.1)] == [2, 3, 4]
 
 
-def test_budget_guard_stops_adapting_but_scores_everything(trained, tmp_path):
+def test_budget_guard_stops_adapting_but_scores_everything(trained, tmp_path, scored_counts):
     tokens = trained.val[:2049]
     rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "log.txt"))
-    counts = torch.zeros(len(tokens) - 1, dtype=torch.int64)
+    counts = scored_counts(len(tokens) - 1)
     loss, bpb, adapted, n_chunks = tg.eval_ttt(trained.model(), tokens, trained.hp_with(EVAL_BUDGET_SECONDS=0),
-                                               rt, trained.luts, time.perf_counter(), counts)
+                                               rt, trained.tables, time.perf_counter())
     assert (adapted, n_chunks) == (0, 4)
     assert torch.equal(counts, torch.ones_like(counts))
     assert "ttt:budget stop adapting at chunk 0/4" in (tmp_path / "log.txt").read_text()
@@ -129,8 +132,10 @@ def test_budget_guard_stops_adapting_but_scores_everything(trained, tmp_path):
 @pytest.mark.slow
 def test_two_ranks_match_one_rank(trained, tmp_path):
     tokens = trained.val[:3073]  # 6 chunks of 512
-    configs = [dict(TTT_OPTIMIZER="muon"), dict(TTT_OPTIMIZER="sgd", TTT_ENTROPY_ADAPT=1)]
-    results = run_ranks(tmp_path, trained.env, trained.state, tokens, trained.luts, configs)
+    configs = [{}, dict(TTT_ENTROPY_ADAPT=1)]
+    # Muon's comms in fp32 (MUON_COMM_DTYPE; bf16 in a run) for an exact match: bf16 moved the loss by 1.4e-5
+    results = run_ranks(tmp_path, trained.env, trained.state, tokens, trained.tables, configs,
+                        constants={"TTT_BATCH_SEQS": BATCH_SEQS, "MUON_COMM_DTYPE": torch.float32})
     for config, (per_rank, counts) in zip(configs, results):
         one = trained.ttt(tokens, **config)
         two = per_rank[0]
@@ -142,30 +147,6 @@ def test_two_ranks_match_one_rank(trained, tmp_path):
         assert one[1] < trained.sliding(tokens)[1]  # and the adaptation did something
 
 
-def block_rows(model, layer):
-    """Every weight that belongs to block `layer`: its bank rows and its own parameters."""
-    L = len(model.blocks)
-    rows = {"qo.q": model.qo[layer], "qo.o": model.qo[L + layer], "kv.k": model.kv[layer], "kv.v": model.kv[L + layer],
-            "mlp_up": model.mlp_up[layer], "mlp_down": model.mlp_down[layer]}
-    rows.update({f"block.{n}": p for n, p in model.blocks[layer].named_parameters()})
-    return {k: v.detach().clone() for k, v in rows.items()}
-
-
-@pytest.mark.parametrize("optimizer", ["muon", "sgd"])
-def test_freeze_blocks_keeps_block0(trained, optimizer):
-    model = trained.model()
-    before0, before1 = block_rows(model, 0), block_rows(model, 1)
-    hp = trained.hp_with(TTT_FREEZE_BLOCKS=1, TTT_OPTIMIZER=optimizer)
-    _, _, adapted, _ = tg.eval_ttt(model, trained.val[:2049], hp, trained.rt, trained.luts, time.perf_counter())
-    assert adapted == 3
-    after0, after1 = block_rows(model, 0), block_rows(model, 1)
-    for name in before0:
-        assert torch.equal(before0[name], after0[name]), f"frozen block 0 {name} changed"
-    moved = [name for name in before1 if not torch.equal(before1[name], after1[name])]
-    assert {"qo.q", "kv.v", "mlp_up", "mlp_down"} <= set(moved)  # block 1 did adapt
-    assert all(p.requires_grad for p in model.parameters())  # eval_ttt hands the model back unfrozen
-
-
 def test_benchmark_report(trained):
     """Prints bpb and wall time on the trained tiny model's 8193 validation tokens (TTT_CHUNK_TOKENS=1024)."""
     tokens = trained.val
@@ -173,9 +154,8 @@ def test_benchmark_report(trained):
     t0 = time.perf_counter()
     loss, bpb = trained.sliding(tokens)
     rows.append(("no TTT (sliding, stride 64)", bpb, time.perf_counter() - t0, "-"))
-    variants = [("SGD 3 epochs lr 0.003", dict(TTT_OPTIMIZER="sgd", TTT_EPOCHS=3, TTT_LR=0.003)),
-                ("Muon 2 epochs lr 0.02", dict(TTT_OPTIMIZER="muon", TTT_EPOCHS=2)),
-                ("Muon + entropy-adaptive epochs", dict(TTT_OPTIMIZER="muon", TTT_ENTROPY_ADAPT=1))]
+    variants = [("Muon 2 epochs lr 0.02", dict(TTT_EPOCHS=2)),
+                ("Muon + entropy-adaptive epochs", dict(TTT_ENTROPY_ADAPT=1))]
     for name, overrides in variants:
         t0 = time.perf_counter()
         loss, bpb, adapted, n_chunks = trained.ttt(tokens, TTT_CHUNK_TOKENS=1024, **overrides)
@@ -184,4 +164,4 @@ def test_benchmark_report(trained):
           f"in {trained.train_s:.1f}s, {len(tokens) - 1} val predictions, float weights")
     for name, bpb, seconds, adapted in rows:
         print(f"  {name:32s} bpb {bpb:.4f}  wall {seconds:6.2f}s  chunks_adapted {adapted}")
-    assert rows[2][1] < rows[0][1]  # Muon TTT beats no TTT on natural text (measured 3.974 -> ~3.89)
+    assert rows[1][1] < rows[0][1]  # Muon TTT beats no TTT on natural text (measured 3.974 -> ~3.89)

@@ -6,13 +6,13 @@ What it guarantees a grader, on a seeded random-init tiny model and synthetic do
 - one document's adapter never reaches another document, except through the documented warm A (the next batch's
   document in the same row), and a document's last chunk never trains anything;
 - the global phases train on exactly the documents scored so far, one pass each, and on nothing else;
-- the result does not depend on how the batches are dealt to ranks (2 gloo ranks = 1 rank);
+- on 2 gloo ranks every prediction is scored once and the global phases give the 1-rank result (the adapters'
+  warm A depends on which batches a rank ran before, so adapted scores do depend on the rank count);
 - the budget guard adapts every batch of a run that fits, and otherwise stops adapting, never scoring;
 - the batches are the record's (consecutive lengths), queued longest first and dealt by cost, rows sized to the
   documents still running, and the compiled graphs few.
 Scores are observed by test-side instrumentation (a wrapper around tg.padded_batch plus a forward hook).
 """
-import functools
 import sys
 import time
 
@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import train_gpt_human as tg
-from conftest import REPO, TOKENIZER_1024
-from test_ttt_legality import make_env, run_ranks, synthetic_luts
+from conftest import REPO, TOKENIZER_1024, count_scores
+from test_ttt_legality import make_env, run_ranks, synthetic_tables
 
 sys.path.insert(0, str(REPO / "tools"))
 import ttt_modes  # noqa: E402
@@ -30,14 +30,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 14 documents of 46, 44, ..., 20 predictions (BOS included), in a shuffled stream order.  TTT_DOC_BATCH=2 pairs
 # neighbouring lengths; queued longest first, with TTT_PREFIX_DOCS=8 and TTT_PHASES=2 they form the groups [46..40],
-# [38..32] (each followed by a global phase) and [30..20]; TTT_DOC_CHUNK=8 gives chunks of 8, and EVAL_SEQ_LEN=32
-# caps the context.
+# [38..32] (each followed by a global phase) and [30..20]; DOC_CHUNK=8 gives chunks of 8, and EVAL_SEQ_LEN=32
+# caps the context.  The module constants of CONSTANTS are set for every test (autouse fixture).
 LENGTHS = list(range(46, 18, -2))
 GROUPS = [LENGTHS[:4], LENGTHS[4:8], LENGTHS[8:]]
 RANGE = 340  # group g's tokens (BOS aside) use ids [2 + g * RANGE, 2 + (g + 1) * RANGE): an id names its group
-PHASED = dict(TTT_MODE="phased", TTT_DOC_CHUNK=8, TTT_DOC_BATCH=2, TTT_PREFIX_DOCS=8, TTT_PHASES=2, EVAL_SEQ_LEN=32,
-              EVAL_STRIDE=16, TTT_CHUNK_TOKENS=64, TTT_BATCH_SEQS=2, TTT_LORA_LR=0.01, TTT_PAUSE_RANKS=1)
+PHASED = dict(TTT_MODE="phased", TTT_DOC_BATCH=2, TTT_PHASES=2, EVAL_SEQ_LEN=32, EVAL_STRIDE=16,
+              TTT_CHUNK_TOKENS=64, TTT_LORA_LR=0.01)
+CONSTANTS = dict(DOC_CHUNK=8, TTT_PREFIX_DOCS=8, TTT_BATCH_SEQS=2, TTT_PAUSE_RANKS=1)
+DEFAULTS = {name: getattr(tg, name) for name in CONSTANTS}  # the trainer's own values
 RECORD = dict(PRESET="record", NUM_LAYERS=4, LOOP_START=1, LOOP_END=2, PARALLEL_START=3, ENGRAM_BUCKETS=0, VE_DIM=0)
+
+
+@pytest.fixture(autouse=True)
+def phased_constants(monkeypatch):
+    for name, value in CONSTANTS.items():
+        monkeypatch.setattr(tg, name, value)
 
 
 def make_hp(**overrides):
@@ -99,13 +107,15 @@ class Recorder:
 
 
 def run_phased(monkeypatch, tmp_path, tokens, **overrides):
+    """eval_ttt on a fresh seeded model; returns (result, Recorder, counts: how often each prediction was
+    scored)."""
     hp = make_hp(**overrides)
     model = random_model(hp)
-    rec = Recorder(monkeypatch, model, tokens)
-    counts = torch.zeros(len(tokens) - 1, dtype=torch.int64)
     rt = tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "log.txt"))
-    result = tg.eval_ttt(model, tokens, hp, rt, synthetic_luts(), time.perf_counter(), counts)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        rec = Recorder(patch, model, tokens)
+        counts = count_scores(patch, len(tokens) - 1)
+        result = tg.eval_ttt(model, tokens, hp, rt, synthetic_tables(), time.perf_counter())
     return result, rec, counts
 
 
@@ -122,17 +132,19 @@ def test_split_documents_tile_every_prediction_once():
 
 
 @pytest.mark.parametrize("preset", ["seed", "record"])
-def test_adapters_one_per_virtual_layer_and_one_row_per_document(preset):
-    hp = make_hp(**(RECORD if preset == "record" else {}), TTT_DOC_BATCH=2, TTT_LORA_RANK=4)
+def test_adapters_one_per_virtual_layer_and_one_row_per_document(preset, monkeypatch):
+    monkeypatch.setattr(tg, "LORA_RANK", 4)
+    hp = make_hp(**(RECORD if preset == "record" else {}), TTT_DOC_BATCH=2)
     model = random_model(hp)
     model.eval()
     with torch.no_grad():
         model.mlp_down.normal_(std=0.05)  # zero at init, which would hide the up projection's adapter
     n_virtual = sum(map(len, tg.layer_order(hp, model.looping)))
     assert n_virtual == (8 if preset == "record" else 2)  # record: layers 0, 1, 2, 1, 2, 1, 2, 3
-    lora = tg.LoRA(model, 2, 4, seed=0)
+    lora = tg.LoRA(model, 2, seed=0)
     targets = 3 if preset == "record" else 5  # q, k, v, attention output, MLP bypass (the record: no q, v); the head
     assert len(lora.A) == len(lora.B) == targets * n_virtual + 1
+    assert all(a.shape[:2] == (2, 4) and b.shape[0] == 2 and b.shape[2] == 4 for a, b in zip(lora.A, lora.B))
     ids = torch.randint(2, 1024, (2, 24), generator=torch.Generator().manual_seed(1))
     base = model(ids, ids, reduction="none").view(2, -1)
     model.lora = lora
@@ -151,16 +163,15 @@ def test_adapters_one_per_virtual_layer_and_one_row_per_document(preset):
         lora.reset()  # B back to zero, A kept (warm)
         assert all(not b.any() for b in lora.B)
         assert all(torch.equal(a, d + 1) for a, d in zip(lora.A, drawn))
-        lora.reset(seed=0)  # A drawn again from the seed
-        assert all(torch.equal(a, d) for a, d in zip(lora.A, drawn))
-        lora.reset(seed=1)
-        assert all(not torch.equal(a, d) for a, d in zip(lora.A, drawn))
+    # A is drawn once per LoRA, from its seed
+    assert all(torch.equal(a, d) for a, d in zip(tg.LoRA(model, 2, seed=0).A, drawn))
+    assert all(not torch.equal(a, d) for a, d in zip(tg.LoRA(model, 2, seed=1).A, drawn))
 
 
 @pytest.mark.parametrize("preset", ["seed", "record"])
 def test_scored_once_and_global_phases_train_on_exactly_the_scored_documents(monkeypatch, tmp_path, preset):
     tokens, spans = documents()
-    overrides = dict(RECORD if preset == "record" else {}, TTT_GLOBAL_OPTIMIZER="muon" if preset == "record" else "sgd")
+    overrides = RECORD if preset == "record" else {}
     (loss, bpb, adapted, n_batches), rec, counts = run_phased(monkeypatch, tmp_path, tokens, **overrides)
     P = len(tokens) - 1
     assert (adapted, n_batches) == (7, 7)
@@ -193,34 +204,34 @@ def changed(base, rec, span):
     return not torch.equal(base.scores[b:e], rec.scores[b:e])
 
 
-@pytest.mark.parametrize("warm_a", [0, 1])
-def test_score_first_and_no_leak_between_documents(monkeypatch, tmp_path, warm_a):
+def test_score_first_and_no_leak_between_documents(monkeypatch, tmp_path):
     """Change one target in chunk 1 of the first document of group 1 (batch 0, row 0): every score made before it
     in processing order keeps its bits; group 2, scored after the global phase that trained on it, moves."""
     tokens, spans = documents()
-    _, base, _ = run_phased(monkeypatch, tmp_path, tokens, TTT_LORA_WARM_A=warm_a)
+    _, base, _ = run_phased(monkeypatch, tmp_path, tokens)
     b, e = spans[38]
     t = b + 12  # the target of prediction b + 11 (chunk 1 of 5)
     tokens2 = tokens.clone()
     tokens2[t] = 2 + RANGE + (tokens[t] - 2 - RANGE + 1) % RANGE
-    _, rec, _ = run_phased(monkeypatch, tmp_path, tokens2, TTT_LORA_WARM_A=warm_a)
+    _, rec, _ = run_phased(monkeypatch, tmp_path, tokens2)
     assert torch.equal(rec.scores[b:t - 1], base.scores[b:t - 1]) and rec.scores[t - 1] != base.scores[t - 1]
     for n in GROUPS[0] + [36, 32]:  # scored earlier, or in the same batch, or in the other row
         assert not changed(base, rec, spans[n]), n
-    assert changed(base, rec, spans[34]) == bool(warm_a)  # batch 1, row 0: reached only through the warm A
+    assert changed(base, rec, spans[34])  # batch 1, row 0: reached only through the warm A
     assert all(changed(base, rec, spans[n]) for n in GROUPS[2])  # the global phase after group 1 used it
 
 
 def test_last_chunk_never_trains(monkeypatch, tmp_path):
-    """In the last group (no global phase after it) with the warm A on: a change inside a document's last chunk
-    reaches nothing else, while the same change in its first chunk reaches the later batches' documents in its row."""
+    """In the last group (no global phase after it): a change inside a document's last chunk reaches nothing
+    else, while the same change in its first chunk reaches the later batches' documents in its row (the warm
+    A)."""
     tokens, spans = documents()
-    _, base, _ = run_phased(monkeypatch, tmp_path, tokens, TTT_LORA_WARM_A=1)
+    _, base, _ = run_phased(monkeypatch, tmp_path, tokens)
     b, e = spans[30]  # group 2, batch 0, row 0: chunks of 8, 8, 8, 6
     for t, leaks in ((e - 2, False), (b + 5, True)):
         tokens2 = tokens.clone()
         tokens2[t] = 2 + 2 * RANGE + (tokens[t] - 2 - 2 * RANGE + 1) % RANGE
-        _, rec, _ = run_phased(monkeypatch, tmp_path, tokens2, TTT_LORA_WARM_A=1)
+        _, rec, _ = run_phased(monkeypatch, tmp_path, tokens2)
         assert torch.equal(rec.scores[b:t - 1], base.scores[b:t - 1]) and rec.scores[t - 1] != base.scores[t - 1]
         for n in LENGTHS:
             if n != 30:  # only row 0 of the later batches (26, 22) may move, and only through the warm A
@@ -245,12 +256,13 @@ def test_fresh_adapters_score_each_document_in_its_own_context(monkeypatch, tmp_
             assert torch.allclose(rec.scores[b:e], alone, rtol=1e-5, atol=1e-6)
 
 
-def test_phase_boundaries_follow_the_records_queue_on_n_ranks():
+def test_phase_boundaries_follow_the_records_queue_on_n_ranks(monkeypatch):
     """Batches (index: lengths) 0: 20, 22 ... 6: 44, 46 cost 96 ... 288 row-tokens and are queued longest first.  On
     2 ranks, the record's queue pauses for phase 1 (4 documents) once batches 6 and 5 are done (at cost-time 288),
     having started batch 4 too; for phase 2 (8) after batch 3 of 3 and 2.  The rest is cut for the budget guard."""
     tokens, _ = documents()
-    hp = make_hp(TTT_PAUSE_RANKS=2)
+    hp = make_hp()
+    monkeypatch.setattr(tg, "TTT_PAUSE_RANKS", 2)
     docs = sorted(tg.split_documents(tokens), key=lambda d: d[1] - d[0])
     batches = [docs[i:i + 2] for i in range(0, 14, 2)]
     costs = [tg.doc_batch_cost(b, hp) for b in batches]
@@ -258,12 +270,13 @@ def test_phase_boundaries_follow_the_records_queue_on_n_ranks():
     assert (segments, phases) == ([[6, 5, 4], [3, 2], [1], [0]], 2)
     lengths = [sorted(e - b for b, e in tg.phase_docs(segments, batches, k, hp)) for k in range(2)]
     assert lengths == [[36, 38, 40, 42], list(range(28, 43, 2))]  # the shortest of the documents scored by then
-    one_rank = tg.phase_segments([6, 5, 4, 3, 2, 1, 0], batches, costs, make_hp())
+    monkeypatch.setattr(tg, "TTT_PAUSE_RANKS", 1)
+    one_rank = tg.phase_segments([6, 5, 4, 3, 2, 1, 0], batches, costs, hp)
     assert one_rank == ([[6, 5], [4, 3], [2], [1], [0]], 2)  # TTT_PAUSE_RANKS=1: exactly at the boundaries
     assert tg.deal([6, 5, 4, 3, 2], costs, 2) == [[6, 3, 2], [5, 4]]  # loads 288+192+160 and 256+224
 
 
-def run_on_a_fake_clock(monkeypatch, tmp_path, seconds_per_row_token, budget, world_size=1, rank=0):
+def run_on_a_fake_clock(monkeypatch, tmp_path, seconds_per_row_token, budget, world_size=1, rank=0, prior=(0.0, 0.0)):
     """Phased TTT where a document batch takes exactly its row-tokens x the rate and a global phase 5 ms per token, on
     a fake clock, so that the guard's decisions are exact.  Returns (result, log)."""
     clock = [0.0]
@@ -282,9 +295,9 @@ def run_on_a_fake_clock(monkeypatch, tmp_path, seconds_per_row_token, budget, wo
     monkeypatch.setattr(tg, "global_phase", timed_phase)
     tokens, _ = documents()
     hp = make_hp(EVAL_BUDGET_SECONDS=budget)
-    counts = torch.zeros(len(tokens) - 1, dtype=torch.int64)
+    counts = count_scores(monkeypatch, len(tokens) - 1)
     rt = tg.Runtime(rank, world_size, torch.device("cpu"), str(tmp_path / "log.txt"))
-    result = tg.eval_ttt(random_model(hp), tokens, hp, rt, synthetic_luts(), 0.0, counts)
+    result = tg.eval_ttt(random_model(hp), tokens, hp, rt, synthetic_tables(), 0.0, prior)
     assert torch.equal(counts, torch.ones_like(counts))  # whatever the guard does, every prediction once
     return result, (tmp_path / "log.txt").read_text()
 
@@ -312,37 +325,89 @@ def test_budget_guard_stops_adapting_where_the_budget_ends(monkeypatch, tmp_path
     assert f"ttt:budget {said} batches, then no more" in log
 
 
-GRAPHS = 4
+@pytest.mark.parametrize("budget, adapted", [(0.0, 0), (1.0, 0), (3.0, 1), (5.5, 2)])
+def test_budget_guard_pays_for_the_first_segment_with_the_warm_up_rate(monkeypatch, tmp_path, budget, adapted):
+    """With the warm-up's rate (0.01 s per row-token), the first segment adapts only what the budget pays for: its
+    batches cost 2.88 s, then 2.56 s; a budget of 0 or 1 s adapts nothing at all, and every prediction is still
+    scored once.  Without a rate (no warm-up) the first segment would adapt both batches whatever the budget."""
+    (_, _, got, n), log = run_on_a_fake_clock(monkeypatch, tmp_path, 0.01, budget, prior=(1.0, 100.0))
+    assert (got, n) == (adapted, 7), log
+    assert (f"ttt:budget segment 1/5: adapting {adapted}/2 batches, then no more" in log) == (adapted < 2)
+
+
+def test_warm_up_measures_the_guards_first_rate(monkeypatch, tmp_path):
+    """warm_up_ttt times its second many-row batch: (seconds, row-tokens) on the fake clock's rate."""
+    clock = [0.0]
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: clock[0])
+    plain_batch = tg.score_doc_batch
+
+    def timed_batch(model, lora, tokens, docs, hp, *args):
+        clock[0] += tg.doc_batch_cost(docs, hp) * 0.01
+        return plain_batch(model, lora, tokens, docs, hp, *args)
+
+    monkeypatch.setattr(tg, "score_doc_batch", timed_batch)
+    hp = make_hp()
+    seconds, row_tokens = tg.warm_up_ttt(random_model(hp), hp, tg.Runtime(0, 1, torch.device("cpu"),
+                                                                           str(tmp_path / "log.txt")),
+                                         synthetic_tables())
+    assert row_tokens > 0 and seconds == pytest.approx(0.01 * row_tokens)
+
+
+def test_row_groups_score_and_train_exactly_like_whole_batches(monkeypatch, tmp_path):
+    """TTT_STEP_TOKENS splits a step's rows into forwards of at most that many row-tokens, with one optimizer step
+    over their summed gradients: in float64, the same scores and the same adapters as unsplit, to 1e-9."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        tokens, _ = documents()
+        runs = {}
+        for cap in (10**6, 16, 1):  # whole batches; 1 or 2 rows per forward; one row per forward
+            hp = make_hp(TTT_STEP_TOKENS=cap, TTT_DOC_BATCH=4, TTT_PHASES=0)
+            model = random_model(hp).double()
+            forwards = []
+            model.register_forward_hook(lambda m, args, out: forwards.append(args[0].shape[0]))
+            result = tg.eval_ttt(model, tokens, hp, tg.Runtime(0, 1, torch.device("cpu"), str(tmp_path / "l.txt")),
+                                 synthetic_tables(), time.perf_counter())
+            runs[cap] = result, max(forwards), len(forwards)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    (whole, rows, n), (split, rows_split, n_split), (single, rows_one, _) = runs.values()
+    assert rows == 4 and rows_split < 4 and rows_one == 1 and n_split > n
+    assert whole[2:] == split[2:] == single[2:]
+    assert abs(whole[0] - split[0]) < 1e-9 and abs(whole[0] - single[0]) < 1e-9 and whole[0] != 0
 
 
 @pytest.mark.slow  # two spawned gloo processes
-def test_two_ranks_match_one_rank(tmp_path):
-    """Batches dealt to 2 ranks (one idles in group 2's last round) give the 1-rank result, global phases included.
-    With the warm A off only: with it on, a batch's A comes from the batch before it on the same rank."""
+def test_two_ranks_score_once_and_share_the_global_phases(tmp_path):
+    """Batches dealt to 2 ranks (one idles in group 2's last round): every prediction is scored once and both
+    ranks report the same numbers.  With the adapters at LR 0 (each stays the base model) the result is the
+    1-rank one, global phases included: their steps are shared over the ranks.  With the adapters learning it
+    may differ a little: a batch's warm A is the one left by the batch before it on the same rank."""
     tokens, _ = documents()
     hp = make_hp()
     state = random_model(hp).state_dict()
-    configs = [dict(TTT_LORA_WARM_A=0), dict(TTT_LORA_WARM_A=0, TTT_GLOBAL_OPTIMIZER="muon", TTT_LORA_OPTIMIZER="muon",
-                                              TTT_LORA_LR=0.003), dict(TTT_LORA_WARM_A=1)]
-    results = run_ranks(tmp_path, make_env(**PHASED), state, tokens, synthetic_luts(), configs)
+    configs = [dict(TTT_LORA_LR=0), {}]
+    results = run_ranks(tmp_path, make_env(**PHASED), state, tokens, synthetic_tables(), configs,
+                        constants=CONSTANTS)
     for config, (per_rank, counts) in zip(configs, results):
         assert torch.equal(counts, torch.ones(len(tokens) - 1, dtype=torch.int64)), config
         assert per_rank[0] == per_rank[1] and per_rank[0][2:] == (7, 7)
         model = random_model(hp)
         model.load_state_dict(state)
         one = tg.eval_ttt(model, tokens, make_hp(**config), tg.Runtime(0, 1, torch.device("cpu"),
-                          str(tmp_path / "log1.txt")), synthetic_luts(), time.perf_counter())
+                          str(tmp_path / "log1.txt")), synthetic_tables(), time.perf_counter())
         print(f"{config}: 1 rank {one[:2]}  2 ranks {per_rank[0][:2]}")
-        if not config["TTT_LORA_WARM_A"]:
-            assert abs(one[0] - per_rank[0][0]) < 1e-5 and abs(one[1] - per_rank[0][1]) < 1e-5, config
+        tolerance = 1e-5 if config else 0.02  # measured |diff|: 1e-9 at LR 0; 3.7e-3 (loss) adapting
+        assert abs(one[0] - per_rank[0][0]) < tolerance and abs(one[1] - per_rank[0][1]) < tolerance, config
 
 
-def test_ttt_modes_tool(tiny_data, tmp_path):
+def test_ttt_modes_tool(tiny_data, tmp_path, monkeypatch):
     """tools/ttt_modes.py trains once and evaluates every mode on the same tokens: a mode that adapts nothing reports
     the sliding-window number, and the per-second columns are what they say."""
+    for name, value in dict(DEFAULTS, LORA_RANK=4, TTT_PREFIX_DOCS=1).items():
+        monkeypatch.setattr(tg, name, value)
     env = dict(ttt_modes.TINY, DATA_PATH=str(tiny_data), TOKENIZER_PATH=str(TOKENIZER_1024), ITERATIONS="4",
                VAL_MAX_TOKENS="2049", TTT_CHUNK_TOKENS="512", EVAL_BATCH_SEQS="8", TTT_DOC_BATCH="4",
-               TTT_LORA_RANK="4", TTT_PREFIX_DOCS="1", TTT_PHASES="1")
+               TTT_PHASES="1")
     modes = [ttt_modes.parse_mode(m) for m in ("still:TTT_EPOCHS=0", "phased:TTT_MODE=phased,TTT_LORA_LR=0.001")]
     assert modes[1] == ("phased", {"TTT_MODE": "phased", "TTT_LORA_LR": "0.001"})
     rows = ttt_modes.compare(env, modes, str(tmp_path / "log.txt"))

@@ -36,10 +36,9 @@ def parse_variant(text):
 def setup(env, log_path):
     hp = tg.Hyperparameters.from_env(env)
     rt = tg.Runtime(0, 1, torch.device(hp.device or "cpu"), log_path)
-    tg.select_attention(hp, rt.device)
-    val = tg.load_val_tokens(hp)
-    sidecar = tg.load_val_bytes(hp, len(val))
-    return hp, rt, val, tg.build_byte_luts(tg.load_tokenizer(hp), hp.vocab_size) + (sidecar,)
+    tg.select_attention(hp, rt)
+    val, tables = tg.load_eval_data(hp, rt)
+    return hp, rt, val, tables
 
 
 def trained(env, log_path):
@@ -48,7 +47,7 @@ def trained(env, log_path):
     torch.manual_seed(hp.seed)
     model = tg.GPT(hp)
     t0 = time.perf_counter()
-    tg.train(model, hp, rt, val, luts)
+    tg.train(model, hp, rt)
     seconds = time.perf_counter() - t0
     hessians = tg.collect_hessians(model, hp, rt)
     return model, hessians, tg.eval_full(model, val, hp, rt, luts)[1], seconds

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Quantization report: one trained model (a SNAPSHOT_POST_HESSIAN=1 snapshot: weights + Hessians), every
-quantization variant at the same byte budget, scored on the validation split.
+"""Quantization report: one trained model (the file a run with SNAPSHOT=path writes: weights + Hessians),
+every quantization variant at the same byte budget, scored on the validation split.
 
     <the run's settings> python3 tools/quant_report.py SNAPSHOT [--budget-per-param 0.52] [--json out.json]
 
@@ -36,7 +36,7 @@ VARIANTS = {  # name -> quantization settings over PLAIN (the others are the run
     "sdclip + embed int7 + awq-lite": {"embed_bits": 7, "awq_groups": 1},
     "sdclip + embed int7 + lqer + awq-lite": {"embed_bits": 7, "lqer_rank": 4, "awq_groups": 1},
 }
-LOGGED = ("quant:awq", "quant:sdclip", "quant:warning", "quant:pruning")  # packer lines kept per variant
+LOGGED = ("quant:awq", "quant:sdclip", "quant:warning")  # packer lines kept per variant
 PLAIN = {"matrix_bits": 6, "embed_bits": 0, "lqer_rank": 0, "awq_groups": 0}  # not the preset's
 LAYOUT_VARIANT = "sdclip int6"  # whose codes the packing layouts are measured on
 
@@ -47,7 +47,7 @@ def layouts(entries):
     banked = [e for e in entries if "#" in e[0]]
     rest = [e for e in entries if "#" not in e[0]]
     by_type = sorted(banked, key=lambda e: (e[0].split("#")[0], int(e[0].split("#")[1])))
-    transposed = [(n, k, b, shape, codes.T.contiguous(), s) for n, k, b, shape, codes, s in by_type]
+    transposed = [e._replace(codes=e.codes.T.contiguous()) for e in by_type]
 
     def size(order):
         return len(tg.compress_bytes(tg.serialize(rest + order)))
@@ -71,18 +71,18 @@ def main():
     model.load_state_dict(snap["model"])
     n_params = sum(p.numel() for p in model.parameters())
     target = int(args.budget_per_param * n_params)
-    luts = tg.build_byte_luts(tg.load_tokenizer(hp), hp.vocab_size)
+    luts = tg.build_byte_tables(tg.load_tokenizer(hp), hp.vocab_size)
     val = tg.load_val_tokens(hp)[:args.val_tokens]
     _, base_bpb = tg.eval_full(model, val, hp, rt, luts)
     print(f"model {n_params} params, budget {target} bytes, unquantized val_bpb {base_bpb:.5f} "
           f"({len(val) - 1} val predictions)")
-    rows, captured, prune = [], {}, tg.prune_to_fit
+    rows, captured, gptq_all, entries = [], {}, tg.gptq_all, None
 
-    def capture(entries, costs, hp_, rt_, budget, **kw):  # keeps the entries of the last variant for the layouts
-        captured["entries"] = list(entries)
-        return prune(entries, costs, hp_, rt_, budget, **kw)
+    def capture(*args):  # keeps the entries of the last sizing (the shipped artifact's) for the layouts
+        captured["entries"] = gptq_all(*args)
+        return captured["entries"]
 
-    tg.prune_to_fit = capture
+    tg.gptq_all = capture
     chosen = args.variants.split(",") if args.variants else list(VARIANTS)
     for name, overrides in ((n, VARIANTS[n]) for n in chosen):
         vhp = dataclasses.replace(hp, target_bytes=target, **{**PLAIN, **overrides})
@@ -91,8 +91,9 @@ def main():
         t0 = time.perf_counter()
         try:
             blob = tg.quantize_model(model, snap["hessians"], vhp, vrt, 0)
-        except tg.ConfigError as e:  # e.g. does not fit even after pruning every candidate
-            os.remove(log)
+        except tg.ConfigError as e:  # e.g. does not fit even at the coarsest SDClip codes (nothing logged yet)
+            if os.path.exists(log):
+                os.remove(log)
             rows.append({"variant": name, "error": str(e)})
             print(f"{name:36s} {e}")
             continue
@@ -105,7 +106,7 @@ def main():
         if name == LAYOUT_VARIANT:
             entries = captured["entries"]
         print(f"{name:36s} {len(blob):9d} B  bpb {bpb:.5f}  tax {bpb - base_bpb:+.5f}  {seconds:6.1f}s  {lines}")
-    packing = layouts(entries) if LAYOUT_VARIANT in chosen else {}
+    packing = layouts(entries) if entries is not None else {}  # the layout variant's, when it fitted
     for name, size in packing.items():
         print(f"layout {name:25s} {size:9d} B")
     if args.json:

@@ -32,6 +32,8 @@ import re
 import sys
 from typing import Iterable, Sequence
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
 # ---------------------------------------------------------------------------
 # Student-t distribution
 # ---------------------------------------------------------------------------
@@ -185,13 +187,21 @@ _RE_FINAL = re.compile(r"^final_(\w+?)_exact\s+val_loss:(" + _NUM + r")\s+val_bp
 _RE_SERIAL = re.compile(r"^Serialized model(?:\s+(\S+))?:\s*(\d+)\s*bytes")
 _RE_CODE = re.compile(r"^Code size:\s*(\d+)\s*bytes")
 _RE_TOTAL = re.compile(r"^Total submission size(?:\s+(\S+))?:\s*(\d+)\s*bytes")
+_RE_CODE_SHA = re.compile(r"^code_sha256:([0-9a-f]+)(?:\s+python:(\S+))?(?:\s+torch:(\S+))?")
+_RE_CONFIG = re.compile(r"^config:\s?(.*)$")
+_RE_CONFIG_KEY = re.compile(r"^[a-z_][a-z0-9_]*=")
+_RE_VAL_TOKENS = re.compile(r"^val_tokens:(\d+)(?:\s+val_docs:(\d+))?")
+_RE_HESSIANS = re.compile(r"^gptq:hessians\b.*\btrain\+hessians:(\d+(?:\.\d+)?)ms")
 # lines that set one run field: (pattern, field, regex group, type)
 _SINGLE_VALUES = [(_RE_EVAL_PHASE, "eval_phase_s", 1, float), (_RE_PEAK, "peak_mem_mib", 1, int),
                   (_RE_SERIAL, "bytes_model", 2, int), (_RE_CODE, "bytes_code", 1, int),
-                  (_RE_TOTAL, "bytes_total", 2, int)]
+                  (_RE_TOTAL, "bytes_total", 2, int), (_RE_VAL_TOKENS, "val_tokens", 1, int),
+                  (_RE_HESSIANS, "train_hessians_ms", 1, float)]
 
 # Order of preference for the challenge score (best first).
 SCORE_KINDS = ("ttt", "sliding", "roundtrip")
+# the final lines inside the timed eval phase (roundtrip is a diagnostic before its clock starts)
+TIMED_EVALS = ("sliding", "ttt")
 
 
 def _classify_final(tag: str):
@@ -225,8 +235,12 @@ def parse_log(path) -> dict:
     peak_mem_mib, train_curve [(step, train_loss)], val_curve [(step, val_loss, val_bpb)],
     finals {stage: {val_loss, val_bpb, eval_time_ms?, chunks_adapted?, quant?}},
     quant, bytes_model, bytes_code, bytes_total, eval_phase_s, eval_s (eval_phase_time
-    if logged, else the sum of the final lines' eval_time), and the score fields
-    score_kind / val_loss / val_bpb (best of ttt > sliding > roundtrip, None if absent).
+    if logged, else the sum of the timed sliding and TTT lines' eval_time), and the score fields
+    score_kind / val_loss / val_bpb (best of ttt > sliding > roundtrip, None if absent);
+    code_sha256 / python / torch (the ``code_sha256:`` line), config (the ``config:`` line as
+    {field: value string}, None without one), val_tokens, train_hessians_ms (the
+    ``gptq:hessians`` line's train+hessians), expected_stage (the final line the config asks
+    for, None without a config) and problem (why the log is not a finished run, else None).
     Lines that do not match the format (e.g. a code dump) are ignored.
     """
     path = os.fspath(path)
@@ -252,8 +266,15 @@ def parse_log(path) -> dict:
         "bytes_code": None,
         "bytes_total": None,
         "eval_phase_s": None,
+        "code_sha256": None,
+        "python": None,
+        "torch": None,
+        "config": None,
+        "val_tokens": None,
+        "train_hessians_ms": None,
     }
     last_step = None
+    seed_lines = 0
     with open(path, "r", encoding="utf-8", errors="replace") as fh:
         for raw in fh:
             line = raw.strip()
@@ -262,6 +283,15 @@ def parse_log(path) -> dict:
             m = _RE_SEED.match(line)
             if m:
                 run["seed"] = int(m.group(1))
+                seed_lines += 1
+                continue
+            m = _RE_CODE_SHA.match(line)
+            if m:
+                run["code_sha256"], run["python"], run["torch"] = m.groups()
+                continue
+            m = _RE_CONFIG.match(line)
+            if m:
+                run["config"] = parse_config(m.group(1))
                 continue
             m = _RE_WORLD.match(line)
             if m:
@@ -327,8 +357,9 @@ def parse_log(path) -> dict:
     if run["steps"] is None:
         run["steps"] = last_step
     run["train_s"] = None if run["train_time_ms"] is None else run["train_time_ms"] / 1000.0
-    eval_ms = [f["eval_time_ms"] for f in run["finals"].values() if "eval_time_ms" in f]
-    # whole eval phase when the log reports it, else the sum of the final lines' eval_time
+    eval_ms = [f["eval_time_ms"] for k, f in run["finals"].items()
+               if k in TIMED_EVALS and "eval_time_ms" in f]
+    # whole eval phase when the log reports it, else the sum of the timed final lines' eval_time
     if run["eval_phase_s"] is not None:
         run["eval_s"] = run["eval_phase_s"]
     else:
@@ -337,7 +368,48 @@ def parse_log(path) -> dict:
     run["score_kind"] = kind
     run["val_loss"] = run["finals"][kind]["val_loss"] if kind else None
     run["val_bpb"] = run["finals"][kind]["val_bpb"] if kind else None
+    run["expected_stage"] = expected_stage(run["config"])
+    run["problem"] = _problem(run, seed_lines)
     return run
+
+
+def parse_config(text: str) -> dict:
+    """``key=value ...`` of a ``config:`` line; a word without ``key=`` continues the value before it."""
+    config, key = {}, None
+    for word in text.split():
+        if _RE_CONFIG_KEY.match(word):
+            key, value = word.split("=", 1)
+            config[key] = value
+        elif key is not None:
+            config[key] += " " + word
+    return config
+
+
+def expected_stage(config):
+    """The score stage a run with this config ends with (TTT on: ttt; off: sliding, or the roundtrip in logs of
+    versions that could switch the sliding eval off)."""
+    if not config or "ttt_enabled" not in config:
+        return None
+    if config["ttt_enabled"] != "0":
+        return "ttt"
+    return "roundtrip" if config.get("eval_int6_sliding") == "0" else "sliding"
+
+
+def final_line_name(stage, quant=None) -> str:
+    """The log line a score stage comes from, e.g. ``final_int6_ttt_exact``."""
+    suffix = {"ttt": "ttt", "sliding": "sliding_window", "roundtrip": "roundtrip"}[stage]
+    return f"final_{quant or 'int6'}_{suffix}_exact"
+
+
+def _problem(run, seed_lines):
+    if seed_lines > 1:
+        return f"the log holds {seed_lines} runs (its run id was reused); rerun the seed with a new RUN_ID"
+    if run["score_kind"] is None:
+        return "no final_*_exact score line: the run stopped before its quantized eval"
+    stage = run["expected_stage"]
+    if stage and stage not in run["finals"]:
+        return f"no {final_line_name(stage, run['quant'])} line: the run stopped before its final eval"
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -376,46 +448,68 @@ def _stats(values: Iterable):
     }
 
 
+def run_status(run, failed_seeds=()):
+    """(status, reason): ``ok``; ``failed`` (the seed is in ``failed_seeds``: its runner reported a
+    failure); ``incomplete`` (the log is not a finished run, see parse_log's ``problem``)."""
+    if run["seed"] is not None and run["seed"] in failed_seeds:
+        return "failed", run["problem"] or "the deploy script reported this seed as failed"
+    if run["problem"]:
+        return "incomplete", run["problem"]
+    return "ok", None
+
+
 def summarize(runs, baseline_loss=None, baseline_losses=None, delta: float = 0.005,
-              alpha: float = 0.01, score_kind=None) -> dict:
+              alpha: float = 0.01, score_kind=None, failed_seeds=()) -> dict:
     """Summarize parsed runs.
 
+    A run that did not finish (parse_log's ``problem``, or its seed in ``failed_seeds``) keeps
+    its row, marked in ``status``, and is left out of the stats and the test; ``excluded``
+    names each, and ``missing_seeds`` the failed seeds that have no log at all.
     The score stage is the best of ttt > sliding > roundtrip that is present in
-    *every* run (so seeds are compared like for like), unless ``score_kind`` is
+    *every* finished run (so seeds are compared like for like), unless ``score_kind`` is
     given.  The significance test compares the runs' val_loss at that stage with
     ``baseline_losses`` (Welch, two-sample) or the constant ``baseline_loss``.
     """
     runs = list(runs)
     if not runs:
         raise ValueError("summarize needs at least one run")
+    failed_seeds = [int(v) for v in failed_seeds]
+    statuses = [run_status(r, failed_seeds) for r in runs]
+    done = [r for r, (status, _) in zip(runs, statuses) if status == "ok"]
     warnings = []
     if score_kind is None:
-        score_kind = next((k for k in SCORE_KINDS if all(k in r["finals"] for r in runs)), None)
-        kinds = {r["score_kind"] for r in runs}
+        score_kind = next((k for k in SCORE_KINDS if done and all(k in r["finals"] for r in done)), None)
+        kinds = {r["score_kind"] for r in done}
         if len(kinds) > 1:
             warnings.append(f"runs have different best final lines {sorted(map(str, kinds))}; "
                             f"using the best common one: {score_kind}")
     if score_kind is None:
-        warnings.append("no run has a common final roundtrip/sliding/ttt line; no score")
+        warnings.append("no finished run has a common final roundtrip/sliding/ttt line; no score")
     rows = []
-    for r in runs:
+    for r, (status, reason) in zip(runs, statuses):
         row = {name: fn(r) for name, fn in COLUMNS}
         row["path"] = r["path"]
-        f = r["finals"].get(score_kind, {}) if score_kind else {}
+        row["status"], row["problem"] = status, reason
+        f = r["finals"].get(score_kind, {}) if score_kind and status == "ok" else {}
         row["score_val_loss"] = f.get("val_loss")
         row["score_val_bpb"] = f.get("val_bpb")
         rows.append(row)
-    stats = {name: _stats(row[name] for row in rows) for name, _ in COLUMNS if name != "seed"}
-    stats["score_val_loss"] = _stats(row["score_val_loss"] for row in rows)
-    stats["score_val_bpb"] = _stats(row["score_val_bpb"] for row in rows)
+    ok_rows = [row for row in rows if row["status"] == "ok"]
+    stats = {name: _stats(row[name] for row in ok_rows) for name, _ in COLUMNS if name != "seed"}
+    stats["score_val_loss"] = _stats(row["score_val_loss"] for row in ok_rows)
+    stats["score_val_bpb"] = _stats(row["score_val_bpb"] for row in ok_rows)
+    excluded = [{"seed": row["seed"], "log": os.path.basename(row["path"]), "status": row["status"],
+                 "reason": row["problem"]} for row in rows if row["status"] != "ok"]
+    logged = {r["seed"] for r in runs}
+    missing = [seed for seed in dict.fromkeys(failed_seeds) if seed not in logged]
     seeds = [r["seed"] for r in runs]
     if len(set(seeds)) != len(seeds):
         warnings.append(f"duplicate seeds: {seeds}")
-    byte_vals = [r["bytes_total"] for r in runs if r["bytes_total"] is not None]
+    byte_vals = [r["bytes_total"] for r in done if r["bytes_total"] is not None]
     bytes_max = max(byte_vals) if byte_vals else None
     if bytes_max is not None and bytes_max > BYTES_LIMIT:
         warnings.append(f"bytes_total {bytes_max} exceeds the {BYTES_LIMIT} byte limit")
-    if len(byte_vals) < len(runs):
+    if len(byte_vals) < len(done):
         warnings.append("some runs have no 'Total submission size' line")
 
     sig = None
@@ -450,12 +544,15 @@ def summarize(runs, baseline_loss=None, baseline_losses=None, delta: float = 0.0
             warnings.append("significance test needs at least 2 runs")
     return {
         "n_runs": len(runs),
+        "n_finished": len(done),
         "score_kind": score_kind,
         "quant": next((r["quant"] for r in runs if r["quant"]), None),
         "rows": rows,
         "stats": stats,
+        "excluded": excluded,
+        "missing_seeds": missing,
         "bytes_total_max": bytes_max,
-        "bytes_code_max": max((r["bytes_code"] for r in runs if r["bytes_code"] is not None), default=None),
+        "bytes_code_max": max((r["bytes_code"] for r in done if r["bytes_code"] is not None), default=None),
         "significance": sig,
         "warnings": warnings,
     }
@@ -481,11 +578,11 @@ def _fmt(v, name=""):
 
 def format_table(summary: dict) -> str:
     names = [n for n, _ in COLUMNS]
-    header = names
-    body = [[_fmt(row[n], n) for n in names] for row in summary["rows"]]
-    mean_row = ["mean"] + [_fmt(summary["stats"][n]["mean"], n) for n in names[1:]]
+    header = names + ["status"]
+    body = [[_fmt(row[n], n) for n in names] + [row["status"]] for row in summary["rows"]]
+    mean_row = ["mean"] + [_fmt(summary["stats"][n]["mean"], n) for n in names[1:]] + [""]
     std_row = ["std"] + [_fmt(summary["stats"][n]["std"], "x_loss" if n.endswith(("_bpb", "_loss")) else "")
-                         for n in names[1:]]
+                         for n in names[1:]] + [""]
     all_rows = [header] + body + [mean_row, std_row]
     widths = [max(len(r[i]) for r in all_rows) for i in range(len(header))]
 
@@ -507,16 +604,31 @@ def format_report(summary: dict) -> str:
                      f"val_loss mean {_fmt(sl['mean'], '_loss')} std {_fmt(sl['std'], '_loss')} "
                      f"(n={sl['n']}, sample std)")
     lines.append(f"bytes_total max: {_fmt(summary['bytes_total_max'], 'bytes_total')} (limit {BYTES_LIMIT})")
-    sig = summary["significance"]
-    if sig:
-        lines.append(
-            f"significance [{sig['mode']}]: baseline val_loss {sig['baseline_mean']:.5f} (n={sig['baseline_n']}), "
-            f"need improvement >= {sig['delta']} nats at p < {sig['alpha']}: "
-            f"improvement {_fmt(sig['improvement'], '_loss')}, t={sig['t']:.4f}, df={sig['df']:.3f}, "
-            f"p={sig['p']:.6g} -> {'SIGNIFICANT' if sig['significant'] else 'not significant'}")
+    if summary["significance"]:
+        lines.append("significance " + format_significance(summary["significance"]))
+    lines += format_excluded(summary)
     for w in summary["warnings"]:
         lines.append(f"WARNING: {w}")
     return "\n".join(lines)
+
+
+def format_significance(sig: dict) -> str:
+    return (f"[{sig['mode']}]: baseline val_loss {sig['baseline_mean']:.5f} (n={sig['baseline_n']}), "
+            f"need improvement >= {sig['delta']} nats at p < {sig['alpha']}: "
+            f"improvement {_fmt(sig['improvement'], '_loss')}, t={sig['t']:.4f}, df={sig['df']:.3f}, "
+            f"p={sig['p']:.6g} -> {'SIGNIFICANT' if sig['significant'] else 'not significant'}")
+
+
+def format_excluded(summary: dict) -> list:
+    """One line per seed that did not finish: its log and why, and that it is left out."""
+    lines = [f"{e['status'].upper()}: seed {e['seed']} ({e['log']}): {e['reason']}; "
+             f"left out of the mean, std and significance test" for e in summary["excluded"]]
+    lines += [f"FAILED: seed {seed}: no log came back; rerun it" for seed in summary["missing_seeds"]]
+    if lines:
+        total = summary["n_runs"] + len(summary["missing_seeds"])
+        lines.append(f"finished: {summary['n_finished']} of {total} seeds; "
+                     "the mean, std and test above are over the finished ones only")
+    return lines
 
 
 def build_submission(summary: dict, name: str, author: str, github_id: str, blurb: str,
@@ -536,7 +648,7 @@ def build_submission(summary: dict, name: str, author: str, github_id: str, blur
         "bytes_code": summary["bytes_code_max"],
         "score_stage": summary["score_kind"],
         "quant": summary["quant"],
-        "seeds": [row["seed"] for row in summary["rows"]],
+        "seeds": [row["seed"] for row in summary["rows"] if row["status"] == "ok"],
         "per_seed": [
             {
                 "seed": row["seed"],
@@ -548,10 +660,14 @@ def build_submission(summary: dict, name: str, author: str, github_id: str, blur
                 "eval_s": row["eval_s"],
                 "log": os.path.basename(row["path"]),
             }
-            for row in summary["rows"]
+            for row in summary["rows"] if row["status"] == "ok"
         ],
         "blurb": blurb,
     }
+    if summary["excluded"] or summary["missing_seeds"]:
+        sub["not_finished"] = summary["excluded"] + [
+            {"seed": seed, "log": None, "status": "failed", "reason": "no log came back"}
+            for seed in summary["missing_seeds"]]
     if sig:
         sub["significance"] = {k: (None if isinstance(v, float) and (math.isnan(v) or math.isinf(v)) else v)
                                for k, v in sig.items()}
@@ -622,11 +738,34 @@ def main(argv=None) -> int:
     ap.add_argument("--blurb", default="TODO one-paragraph description")
     ap.add_argument("--date", default=None, help="ISO date for submission.json (default today)")
     ap.add_argument("--plot", metavar="OUT.png", help="plot train loss / val bpb curves per seed")
+    ap.add_argument("--failed-seeds", nargs="+", type=int, default=[], metavar="SEED",
+                    help="seeds whose runner reported a failure: marked FAILED, left out of the statistics")
+    rec = ap.add_argument_group("records folder (see tools/record_folder.py)")
+    rec.add_argument("--records-dir", metavar="DIR",
+                     help="check the logs against the PR checklist and, if they pass, write DIR: "
+                          "README.md, submission.json, train_gpt.py, the logs")
+    rec.add_argument("--allow", action="append", metavar="CHECK[,CHECK]",
+                     help="write the folder although these checks fail (its README says so)")
+    rec.add_argument("--val-tokens", type=int, metavar="N", help="the full validation set's token count")
+    rec.add_argument("--hardware", help="the machine, when the logs ran on CUDA (default: 8xH100 80GB SXM)")
+    rec.add_argument("--code", metavar="FILE", help="the train_gpt.py that ran (default: the repo's)")
     args = ap.parse_args(argv)
 
     for p in args.logs + (args.baseline_logs or []):
         if not os.path.isfile(p):
             ap.error(f"no such log file: {p}")
+    if args.records_dir:
+        import record_folder as rf  # beside this file
+        code_path = args.code or os.path.join(os.path.dirname(_HERE), "train_gpt.py")
+        try:
+            allow = rf.parse_allow(args.allow)
+            rf.check_paths(args.records_dir, code_path)
+        except rf.RecordError as e:
+            ap.error(str(e))
+    else:
+        given = [f for f in ("allow", "val_tokens", "hardware", "code") if getattr(args, f) is not None]
+        if given:
+            ap.error(f"--{given[0].replace('_', '-')} works only with --records-dir DIR")
     runs = [parse_log(p) for p in args.logs]
     baseline_losses = None
     if args.baseline_logs:
@@ -636,10 +775,11 @@ def main(argv=None) -> int:
             ap.error("baseline logs have no common final roundtrip/sliding/ttt line")
         baseline_losses = [r["finals"][kind]["val_loss"] for r in bruns]
     summary = summarize(runs, baseline_loss=args.baseline_loss, baseline_losses=baseline_losses,
-                        delta=args.delta, alpha=args.alpha, score_kind=args.score)
+                        delta=args.delta, alpha=args.alpha, score_kind=args.score,
+                        failed_seeds=args.failed_seeds)
     print(format_report(summary))
+    sub = build_submission(summary, args.name, args.author, args.github_id, args.blurb, args.date)
     if args.json:
-        sub = build_submission(summary, args.name, args.author, args.github_id, args.blurb, args.date)
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(_jsonable(sub), fh, indent=2)
             fh.write("\n")
@@ -651,6 +791,13 @@ def main(argv=None) -> int:
     if args.plot:
         plot_runs(runs, args.plot)
         print(f"wrote {args.plot}")
+    if args.records_dir:
+        try:
+            return rf.make_record(runs, summary, sub, args.records_dir, allow=allow, code_path=code_path,
+                                  val_tokens=args.val_tokens, hardware=args.hardware or rf.DEFAULT_HARDWARE,
+                                  name=args.name, blurb=args.blurb, date=sub["date"])
+        except rf.RecordError as e:
+            ap.error(str(e))
     return 0
 
 

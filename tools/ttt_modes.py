@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Eval modes side by side on one trained model and the same validation tokens (a development tool, not part of
-the submitted artifact): sliding-window eval, then test-time training in each mode given, by default chunk TTT with
-SGD and with Muon (LaCT), and phased TTT with an SGD and with a Muon global phase.
+the submitted artifact): sliding-window eval, then test-time training in each mode given, by default chunk TTT
+(LaCT: Muon on the matrices) and phased TTT (per-document LoRA and SGD global phases).
 
 The model trains once with train_gpt_human.train (every setting read from the environment as the trainer reads
 it; --tiny starts from the test suite's tiny CPU config) and is evaluated in float (no quantization).  A mode is
@@ -9,7 +9,7 @@ it; --tiny starts from the test suite's tiny CPU config) and is evaluated in flo
 predictions per second, and the gain over sliding per extra eval-second, (bpb_sliding - bpb) / (s - s_sliding).
 
     python3 tools/ttt_modes.py --tiny --threads 1 --json logs/ttt_modes.json
-    python3 tools/ttt_modes.py --tiny --mode "muon-0.02:TTT_MODE=phased,TTT_GLOBAL_OPTIMIZER=muon,TTT_GLOBAL_LR=0.02"
+    python3 tools/ttt_modes.py --tiny --mode "phased-lr2e-4:TTT_MODE=phased,TTT_LORA_LR=2e-4"
 """
 import argparse
 import copy
@@ -28,10 +28,9 @@ import train_gpt_human as tg  # noqa: E402
 TINY = {"DEVICE": "cpu", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "2",
         "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "TRAIN_BATCH_TOKENS": "2048", "GRAD_ACCUM_STEPS": "1",
         "ITERATIONS": "300", "WARMUP_STEPS": "0", "WARMDOWN_ITERS": "100", "MAX_WALLCLOCK_SECONDS": "0",
-        "ENGRAM_BUCKETS": "256", "VE_DIM": "16", "EMA_DECAY": "0.9", "MUON_MOMENTUM_WARMUP_STEPS": "10",
-        "TRAIN_LOG_EVERY": "100", "COMPILE": "0", "EVAL_BUDGET_SECONDS": "1e9"}
-MODES = ["chunk-sgd:TTT_OPTIMIZER=sgd,TTT_LR=0.005,TTT_EPOCHS=3", "chunk-lact:TTT_OPTIMIZER=muon",
-         "phased-sgd:TTT_MODE=phased,TTT_GLOBAL_OPTIMIZER=sgd", "phased-muon:TTT_MODE=phased,TTT_GLOBAL_OPTIMIZER=muon"]
+        "ENGRAM_BUCKETS": "256", "VE_DIM": "16", "EMA_DECAY": "0.9", "TRAIN_LOG_EVERY": "100", "COMPILE": "0",
+        "EVAL_BUDGET_SECONDS": "1e9"}
+MODES = ["chunk-lact:TTT_MODE=chunk", "phased:TTT_MODE=phased"]
 
 
 def parse_mode(text):
@@ -40,18 +39,17 @@ def parse_mode(text):
 
 
 def compare(env, modes, log_path, snapshot=None):
-    """Trains once (or loads a SNAPSHOT_POST_HESSIAN=1 snapshot's weights); returns one dict per row, sliding
-    first."""
+    """Trains once (or loads the weights of a SNAPSHOT=path file); returns one dict per row, sliding first."""
     hp = tg.Hyperparameters.from_env(env)
     rt = tg.Runtime(0, 1, torch.device(hp.device or "cpu"), log_path)
-    luts = tg.build_byte_luts(tg.load_tokenizer(hp), hp.vocab_size)
+    luts = tg.build_byte_tables(tg.load_tokenizer(hp), hp.vocab_size)
     val = tg.load_val_tokens(hp)
     torch.manual_seed(hp.seed)
     model = tg.GPT(hp).to(rt.device)
     if snapshot:
         model.load_state_dict(torch.load(snapshot, map_location=rt.device)["model"])
     else:
-        tg.train(model, hp, rt, val, luts)
+        tg.train(model, hp, rt)
     state = copy.deepcopy(model.state_dict())
     rows = []
     for label, settings in [("sliding", None)] + modes:
@@ -90,10 +88,12 @@ def table(rows):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", action="append", help="label:KEY=VALUE,... (repeatable; default: the four TTT modes)")
+    ap.add_argument("--mode", action="append",
+                    help="label:KEY=VALUE,... (repeatable; default: the two TTT modes)")
     ap.add_argument("--tiny", action="store_true", help="start from the tiny CPU config (env vars override it)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--snapshot", help="evaluate this snapshot's weights instead of training (same model settings)")
+    ap.add_argument("--snapshot", help="evaluate the weights of this SNAPSHOT file instead of training "
+                                       "(same model settings)")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     if args.threads:

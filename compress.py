@@ -73,8 +73,8 @@ MINIFY_OPTIONS = dict(
 )
 
 _LZMA_PRESET = 9 | lzma.PRESET_EXTREME
-_CODECS = ("b93", "b85", "b64", "latin1")
-# Codec used by both the build and --check unless --codec is given ("auto" = the smallest of b93/b85/b64).
+_CODECS = ("b94", "b85", "b64", "latin1")
+# Codec used by both the build and --check unless --codec is given ("auto" = the smallest of b94/b85/b64).
 DEFAULT_CODEC = "auto"
 
 
@@ -91,8 +91,68 @@ def minify_source(src: str) -> str:
     option (dflook/python-minifier#148): on Python >= 3.12 it may reuse an f-string's quote
     inside the f-string (PEP 701), which 3.10 cannot parse.  Its f-string printer for
     < 3.12 is forced instead; the output is then the same on Python 3.10 to 3.13."""
+    src = ast.unparse(_PackAssignments().visit(ast.parse(src)))
     with mock.patch.object(ExpressionPrinter, "visit_JoinedStr", _visit_joinedstr_py310):
         return python_minifier.minify(src, **MINIFY_OPTIONS)
+
+
+class _PackAssignments(ast.NodeTransformer):
+    """Runs of simple assignments become one tuple assignment in the payload: `a = x` then `b = y` -> `a, b = x, y`
+    (about 1 compressed byte each).  The readable source writes one name per line; this is the minifier's business.
+    Merged only where the order cannot matter: no value reads a name assigned before it in the run, a value calls
+    nothing that could read one (none at module level; none with `self`, or whatever the targets hang from, in it),
+    and the targets are plain names or attributes, all different."""
+
+    def generic_visit(self, node):
+        super().generic_visit(node)
+        for field in ("body", "orelse", "finalbody"):
+            stmts = getattr(node, field, None)
+            if isinstance(stmts, list) and stmts and isinstance(stmts[0], ast.stmt):
+                setattr(node, field, self._pack(stmts, isinstance(node, ast.Module)))
+        return node
+
+    @staticmethod
+    def _simple(stmt):
+        if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1):
+            return False
+        target = stmt.targets[0]
+        while isinstance(target, ast.Attribute):  # self.x, a.b.c: a chain of names only
+            target = target.value
+        return isinstance(target, ast.Name) and not isinstance(stmt.value, ast.Starred)
+
+    @staticmethod
+    def _fits(run, stmt, module):
+        targets = [ast.unparse(s.targets[0]) for s in run]
+        roots = {t.split(".")[0] for t in targets}
+        value = stmt.value
+        if ast.unparse(stmt.targets[0]) in targets:
+            return False
+        for n in ast.walk(value):
+            if isinstance(n, (ast.Name, ast.Attribute)) and ast.unparse(n) in targets:
+                return False
+            if isinstance(n, (ast.Lambda, ast.NamedExpr, ast.Await, ast.Yield, ast.YieldFrom)):
+                return False
+            if isinstance(n, ast.Call) and (module or any(isinstance(m, ast.Name) and m.id in roots
+                                                          for m in ast.walk(n))):
+                return False
+        return True
+
+    def _pack(self, stmts, module):
+        out, run = [], []
+        for stmt in stmts + [None]:
+            if stmt is not None and self._simple(stmt) and (not run or self._fits(run, stmt, module)):
+                run.append(stmt)
+                continue
+            if len(run) > 1:
+                out.append(ast.copy_location(ast.Assign(
+                    targets=[ast.Tuple([s.targets[0] for s in run], ast.Store())],
+                    value=ast.Tuple([s.value for s in run], ast.Load())), run[0]))
+            else:
+                out.extend(run)
+            run = [stmt] if stmt is not None and self._simple(stmt) else []
+            if stmt is not None and not self._simple(stmt):
+                out.append(stmt)
+        return out
 
 
 # ---------------------------------------------------------------------------- pack
@@ -145,34 +205,29 @@ def _latin1_literal(blob: bytes) -> str:
     return "".join(out)
 
 
-# b93: 31 bytes as 38 digits base 93 (93^38 > 256^31), little-endian, each digit one printable ASCII character
-# other than '"' and '\\': 1.226 characters per byte against base85's 1.25 (about 540 bytes less on this payload,
-# for a decoder of about 150).  The blob is zero-padded to whole groups and cut back to its length after decoding.
-B93_GROUP, B93_DIGITS = 31, 38
+# b94: 67 bytes as 82 digits base 94 (94^82 > 256^67), little-endian, each digit one printable ASCII character
+# other than "'", in a raw triple-quoted bytes literal (so a backslash is a digit like any other): 1.224 characters
+# per byte against base85's 1.25, for a decoder of about 140 bytes.  The blob is zero-padded to whole groups and cut
+# back to its length after decoding.  A group's top digit is at most 256^67 / 94^81 < 34, so the literal never ends
+# in a backslash (digit 59), which would escape the closing quote.
+B94_GROUP, B94_DIGITS = 67, 82
 
 
-def _b93_char(digit: int) -> str:
-    c = digit + 32
-    c += c >= 34  # skip '"'
-    c += c >= 92  # skip '\\'
-    return chr(c)
-
-
-def _b93_literal(blob: bytes) -> str:
+def _b94_literal(blob: bytes) -> str:
     out = []
-    padded = blob + bytes(-len(blob) % B93_GROUP)
-    for j in range(0, len(padded), B93_GROUP):
-        n = int.from_bytes(padded[j:j + B93_GROUP], "little")
-        for _ in range(B93_DIGITS):
-            n, digit = divmod(n, 93)
-            out.append(_b93_char(digit))
-    return '"' + "".join(out) + '"'
+    padded = blob + bytes(-len(blob) % B94_GROUP)
+    for j in range(0, len(padded), B94_GROUP):
+        n = int.from_bytes(padded[j:j + B94_GROUP], "little")
+        for _ in range(B94_DIGITS):
+            n, digit = divmod(n, 94)
+            out.append(chr(digit + 32 + (digit + 32 >= 39)))  # skip "'"
+    return "br'''" + "".join(out) + "'''"
 
 
 def _encode(blob: bytes, codec: str) -> str:
-    if codec == "b93":
-        return ('(lambda d:b"".join(sum((c-32-(c>34)-(c>92))*93**i for i,c in enumerate(d[j:j+38])).to_bytes('
-                '31,"little")for j in range(0,len(d),38)))(b' + _b93_literal(blob) + f')[:{len(blob)}]')
+    if codec == "b94":
+        return ('(lambda d:b"".join(sum((c-32-(c>39))*94**i for i,c in enumerate(d[j:j+82])).to_bytes(67,"little")'
+                'for j in range(0,len(d),82)))(' + _b94_literal(blob) + f')[:{len(blob)}]')
     if codec == "b85":
         return 'base64.b85decode("' + base64.b85encode(blob).decode("ascii") + '")'
     if codec == "b64":
@@ -184,7 +239,7 @@ def _encode(blob: bytes, codec: str) -> str:
 
 def _stub(call: str, codec: str) -> str:
     head = "#coding:l1\n" if codec == "latin1" else ""
-    imports = "import " + call.split(".")[0] + ("" if codec in ("latin1", "b93") else ",base64") + ",linecache"
+    imports = "import " + call.split(".")[0] + ("" if codec in ("latin1", "b94") else ",base64") + ",linecache"
     return (head + imports + "\n"
             "(lambda s,f:(linecache.cache.__setitem__(f,(len(s),None,s.splitlines(1),f)),"
             'exec(compile(s,f,"exec"),globals())))(' + call + '.decode(),"'
@@ -195,12 +250,12 @@ def build_artifact(src: str, codec: str = "auto", minified: bool = False) -> str
     """Self-extracting artifact for ``src`` (minified first unless ``minified``).
 
     The returned text is meant to be written with latin-1 encoding (it is pure ASCII
-    for the b85/b64 codecs).  ``codec="auto"`` picks the smaller of b85 and b64;
+    for the b94/b85/b64 codecs).  ``codec="auto"`` picks the smallest of b94, b85 and b64;
     ``codec="latin1"`` (opt-in) stores the raw lzma bytes in a latin-1 string literal,
     about 18% smaller, but the file is then not valid UTF-8 (read it as bytes)."""
     payload = src if minified else minify_source(src)
     data = payload.encode("utf-8")
-    codecs = ("b93", "b85", "b64") if codec == "auto" else (codec,)
+    codecs = ("b94", "b85", "b64") if codec == "auto" else (codec,)
     best = None
     for template, blob in _candidates(data):
         for c in codecs:
@@ -225,7 +280,7 @@ def payload_of(artifact: str) -> str:
     expr = ast.fix_missing_locations(ast.Expression(body=call))
     import brotli
 
-    builtins = {f.__name__: f for f in (sum, enumerate, range, len)}  # b93's decoder
+    builtins = {f.__name__: f for f in (sum, enumerate, range, len)}  # b94's decoder
     ns = {"lzma": lzma, "brotli": brotli, "base64": base64, "__builtins__": builtins}
     data = eval(compile(expr, "<artifact>", "eval"), ns)  # only our own decode call
     return data.decode("utf-8")
@@ -386,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true",
                     help="fail if --out is stale or the payload is not Python 3.10 clean")
     ap.add_argument("--codec", choices=("auto",) + _CODECS, default=DEFAULT_CODEC,
-                    help="blob encoding (auto = smallest of b85/b64; latin1 is opt-in)")
+                    help="blob encoding (auto = smallest of b94/b85/b64; latin1 is opt-in)")
     args = ap.parse_args(argv)
     if args.check:
         return _check(args.src, args.out, args.codec)

@@ -186,7 +186,6 @@ smoke() {
     export_default ITERATIONS 60
     export_default WARMUP_STEPS 2
     export_default WARMDOWN_ITERS 20
-    export_default VAL_LOSS_EVERY 0
     export_default EVAL_STRIDE 64
     export_default MAX_WALLCLOCK_SECONDS 0
     export_default TTT_CHUNK_TOKENS 4096
@@ -321,8 +320,8 @@ gpu_run() {
     ensure_module sentencepiece
     ensure_module brotli
     check_torch_cuda
-    "$PYTHON" -c 'import flash_attn_interface' >/dev/null 2>&1 || "$PYTHON" -c 'import flash_attn.cute' >/dev/null 2>&1 ||
-        warn "neither flash_attn_interface (FlashAttention 3) nor flash_attn.cute (pip install flash-attn-4) imports:" \
+    "$PYTHON" -c 'import flash_attn_interface' >/dev/null 2>&1 ||
+        warn "flash_attn_interface (FlashAttention 3) does not import:" \
             "attention runs on compiled flex_attention / PyTorch SDPA (slower)"
     check_data
     check_disk "$MIN_FREE_MB"
@@ -340,6 +339,11 @@ gpu_run() {
     fi
     mkdir -p logs
     export_default RUN_ID "run_$TS" # the trainer's logs/<RUN_ID>.txt sits beside this launch log
+    # TTT's shapes change every step: expandable segments keep the allocator from fragmenting
+    export_default PYTORCH_CUDA_ALLOC_CONF expandable_segments:True
+    # compiled kernels kept beside the repo: a second seed on the same pod (deploy_3seeds.sh) compiles from the cache
+    export_default TORCHINDUCTOR_CACHE_DIR "$PWD/.compile_cache/inductor"
+    export_default TRITON_CACHE_DIR "$PWD/.compile_cache/triton"
     local log="logs/run_$TS.log" rc=0
     info "launching ${launcher[*]} --standalone --nproc_per_node=$NPROC $TRAIN_SCRIPT, log: $log"
     "${launcher[@]}" --standalone --nproc_per_node="$NPROC" "$TRAIN_SCRIPT" 2>&1 | tee "$log" || rc=${PIPESTATUS[0]}

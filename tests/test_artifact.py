@@ -1,5 +1,6 @@
 """The submitted artifact: in sync with the readable script, identical behaviour, the whole pipeline via run.sh,
 and the README's settings table matching the script."""
+import ast
 import dataclasses
 import os
 import re
@@ -98,3 +99,32 @@ def test_readme_fixed_choices_are_the_scripts_constants():
     assert len(names) > 20
     settings = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)}
     assert [n for n in names if not hasattr(tg, n) or n in settings] == []
+
+
+def test_readme_2014_table_is_the_record_preset():
+    """Every `NAME=value` in the "ours" column of README's #2014 table is what PRESET=record runs: the setting's value
+    under the preset, or the module constant's."""
+    presets = readme_section("## Presets")
+    table = presets[presets.index("| setting | #2014 | ours |"):]
+    rows = [line.strip().strip("|").split(" | ") for line in table.splitlines() if line.strip().startswith("|")][2:]
+    hp = tg.Hyperparameters.from_env({"PRESET": "record"})
+    pairs = [p for row in rows for p in re.findall(r"`([A-Z0-9_]+)=([^`]*)`", row[2])]
+    assert len(pairs) > 40
+    for name, shown in pairs:
+        value = getattr(hp, name.lower()) if hasattr(hp, name.lower()) else getattr(tg, name)
+        if isinstance(value, str):
+            assert shown == value, name
+        else:
+            assert float(shown) == pytest.approx(float(value), rel=1e-12), name
+
+
+def test_code_budget_and_readable_lines():
+    """The artifact's bytes come out of the 16 MB: train_gpt.py <= 28,000 bytes.  The readable file: lines of at most
+    110 characters and one name per assignment (`a, b = x, y` only in the payload, where compress.py packs runs)
+    apart from unpacking a value (`x, y, seg = loader.next_batch(accum)`)."""
+    assert (REPO / "train_gpt.py").stat().st_size <= 28_000
+    source = (REPO / "train_gpt_human.py").read_text()
+    assert [i for i, line in enumerate(source.splitlines(), 1) if len(line) > 110] == []
+    packed = [node.lineno for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Assign)
+              and isinstance(node.targets[0], ast.Tuple) and isinstance(node.value, ast.Tuple)]
+    assert packed == []

@@ -303,20 +303,28 @@ def test_latin1_codec_round_trip_and_runs(tmp_path):
     assert "who carol" in res.stdout
 
 
-@pytest.mark.parametrize("n", [0, 1, 30, 31, 32, 62, 1000])
-def test_b93_codec_round_trips_every_length_in_printable_ascii(n):
-    """b93: 31 bytes per 38 characters, the blob zero-padded to whole groups and cut back to its length; every
-    character printable ASCII other than '"' and '\\', so the literal needs no escape and the file stays ASCII."""
-    blob = bytes((i * 167 + 13) % 256 for i in range(n)) + b"\xff" * min(n, 31)  # high bytes: the largest digits
-    expr = compress._encode(blob, "b93")
-    literal = expr[expr.index('(b"') + 3:expr.index('")[:')]
-    assert len(literal) == -(-len(blob) // 31) * 38 and set(literal) <= set(map(chr, range(32, 127))) - set('"\\')
+@pytest.mark.parametrize("n", [1, 66, 67, 68, 134, 1000])
+def test_b94_codec_round_trips_every_length_in_printable_ascii(n):
+    """b94: 67 bytes per 82 characters in a raw triple-quoted bytes literal, the blob zero-padded to whole groups and
+    cut back to its length; every character printable ASCII other than "'", so the file stays ASCII."""
+    blob = bytes((i * 167 + 13) % 256 for i in range(n)) + b"\xff" * min(n, 67)  # high bytes: the largest digits
+    expr = compress._encode(blob, "b94")
+    literal = expr[expr.index("(br'''") + 6:expr.index("''')[:")]
+    assert len(literal) - -(-len(blob) // 67) * 82 in (0, 1) and set(literal) <= set(map(chr, range(32, 127))) - {"'"}
     assert eval(expr, {"__builtins__": {f.__name__: f for f in (sum, enumerate, range, len)}}) == blob
 
 
-def test_the_real_artifact_is_b93_ascii_and_smaller_than_base85():
+def test_b94_literal_never_ends_in_a_backslash():
+    """The literal's last character is a group's top digit, at most 256^67 / 94^81 < 34: never the backslash (digit
+    59), which would escape the closing quote.  The largest group shows it."""
+    assert 256 ** 67 // 94 ** 81 < 34
+    literal = compress._b94_literal(b"\xff" * 67)
+    assert literal[-4] == chr(256 ** 67 // 94 ** 81 + 32 + 1) and not literal[:-3].endswith("\\")
+
+
+def test_the_real_artifact_is_b94_ascii_and_smaller_than_base85():
     artifact = (compress.HERE / "train_gpt.py").read_text()
-    assert "93**i" in artifact and artifact.isascii()
+    assert "94**i" in artifact and artifact.isascii()
     payload = compress.payload_of(artifact)
     assert len(artifact) + 300 < len(compress.build_artifact(payload, codec="b85", minified=True))
 
@@ -516,3 +524,32 @@ def test_real_artifact_reports_config_errors_like_the_source(real, var, value, m
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 1, (script, res.stderr)
         assert res.stderr.strip().splitlines()[-1] == message, (script, res.stderr)
+
+
+def test_runs_of_assignments_are_packed_only_where_order_cannot_matter():
+    """The payload packs `a = x` / `b = y` into `a, b = x, y` (the readable source keeps one name per line), except
+    where a value reads an earlier target, calls something that could (at module level, or with the targets' root
+    in the call), or repeats a target."""
+    src = textwrap.dedent('''
+        A = 1
+        B = 2
+        C = len("x")
+        def f(self, n):
+            x = n + 1
+            y = n * 2
+            z = x + y
+            self.a = n
+            self.b = helper(self)
+            self.c = helper(n)
+            w = 1
+            w = 2
+            return x, y, z, w
+        ''')
+    packed = ast.unparse(compress._PackAssignments().visit(ast.parse(src)))
+    assert packed.splitlines()[:2] == ["A, B = (1, 2)", "C = len('x')"]  # a module-level call stays alone
+    body = [line.strip() for line in packed.split("def f(self, n):")[1].strip().splitlines()]
+    assert body == ["x, y = (n + 1, n * 2)",
+                    "z, self.a = (x + y, n)",  # z reads x: a new run
+                    "self.b, self.c, w = (helper(self), helper(n), 1)",  # helper(self) may read self.a: a new run
+                    "w = 2",  # a repeated target: a new run
+                    "return (x, y, z, w)"]

@@ -105,8 +105,9 @@ def test_pod_path_rehearsal(tmp_path):
     assert "ttt:budget stop" not in log
     graphs = {m[1]: [int(g) for g in m[2].split(",")]
               for m in re.finditer(r"compile:(\w+)(?: seconds:\S+)? graphs_per_rank:([\d,]+)", log)}
-    # training + late QAT, plus Muon's update once per bank shard shape (at most 6 banks), all in the warm-up
-    assert graphs["warmup"] == graphs["train"] and 2 < graphs["train"][0] <= 2 + 6, graphs
+    # the kernel's startup probe, training + late QAT, Muon's update once per bank shard shape (at most 6 banks),
+    # all before the training clock
+    assert graphs["warmup"] == graphs["train"] and 3 < graphs["train"][0] <= 1 + 2 + 6, graphs
     # then scoring + TTT: compiled before the eval clock on both ranks, nothing on it
     assert graphs["eval"] == graphs["eval_warmup"] == [graphs["train"][0] + 2] * 2, graphs
     assert "recompile_limit" not in out
@@ -157,7 +158,7 @@ def test_ranks_share_one_run_id_when_unset(tiny_env, tmp_path, rank_worker):
     proc = run_ranks(rank_worker, "setup", env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     paths = [json.loads((tmp_path / f"rank{r}.json").read_text())["log_path"] for r in (0, 1)]
-    assert paths[0] == paths[1] and re.fullmatch(r"logs/[0-9a-f-]{36}\.txt", paths[0])
+    assert paths[0] == paths[1] and re.fullmatch(r"logs/[0-9a-f]{16}\.txt", paths[0])
 
 
 @pytest.mark.slow
@@ -175,7 +176,9 @@ def test_schedule_follows_rank0_clock(tiny_env, tmp_path, rank_worker):
         assert torch.equal(s0[k], s1[k]), k
 
 
-def test_process_group_timeout_covers_rank0_quantizing_alone(monkeypatch, tmp_path):
+def test_process_group_timeout_is_minutes_not_half_an_hour(monkeypatch, tmp_path):
+    """No collective spans rank 0's packing (the others wait for the artifact file), so the default timeout is what a
+    step needs: 300 s, where it was 1,800 s to cover rank 0 quantizing alone."""
     seen = {}
     monkeypatch.setattr(tg.dist, "init_process_group", lambda *a, **kw: seen.update(kw))
     monkeypatch.setattr(tg.dist, "broadcast_object_list", lambda objs, src, device: objs.__setitem__(0, "shared"))
@@ -183,7 +186,7 @@ def test_process_group_timeout_covers_rank0_quantizing_alone(monkeypatch, tmp_pa
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.chdir(tmp_path)
     rt = tg.setup_runtime(tg.Hyperparameters.from_env({"DEVICE": "cpu"}))
-    assert seen["timeout"] == datetime.timedelta(minutes=30)  # NCCL's own default (10 min) is shorter than GPTQ
+    assert seen["timeout"] == datetime.timedelta(minutes=5)
     assert rt.log_path == "logs/shared.txt"
     tg.setup_runtime(tg.Hyperparameters.from_env({"DEVICE": "cpu", "DIST_TIMEOUT_SECONDS": "3600"}))
     assert seen["timeout"] == datetime.timedelta(hours=1)

@@ -661,17 +661,17 @@ def test_all_zero_rows_quantize_to_zero_codes_with_a_finite_scale(monkeypatch):
 
 def test_lqer_asymmetric_factors_are_the_records_codes():
     """A at int2 in [-2, 1] with one scale max|A| / 1.5; B at int4 in [-8, 7], one scale max|group| / 7.5 per
-    group of LQER_GROUP = 32: the record's packing, here through the artifact's own format (which must accept
+    group of LQER_GROUP = 64: the record's packing, here through the artifact's own format (which must accept
     -2 and -8)."""
     torch.manual_seed(0)
     W = torch.randn(64, 96)
     hp = tg.Hyperparameters(lqer_rank=2)
-    assert tg.LQER_GROUP == 32
+    assert tg.LQER_GROUP == 64
     entries = tg.lqer_entries([tg.Target("w", W, "k", "attn", 6)], [torch.zeros_like(W)], hp)
     (_, _, a_bits, a_shape, qa, sa), (_, _, b_bits, b_shape, qb, sb) = entries
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    A, B = (U[:, :2] * S[:2]).T.reshape(1, -1), Vh[:2].reshape(-1, 32)
-    assert (a_bits, a_shape, b_bits, b_shape) == (2, (1, 128), 4, (6, 32))
+    A, B = (U[:, :2] * S[:2]).T.reshape(1, -1), Vh[:2].reshape(-1, 64)
+    assert (a_bits, a_shape, b_bits, b_shape) == (2, (1, 128), 4, (3, 64))
     assert torch.allclose(sa, (A.abs().amax() / 1.5).half().float(), rtol=0) and sa.numel() == 1
     assert torch.allclose(sb, (B.abs().amax(dim=1) / 7.5).half().float(), rtol=0)
     assert torch.equal(qa.float(), (A / sa).round().clamp(-2, 1))

@@ -70,8 +70,8 @@ rt = tg.setup_runtime(hp)
 ticks = [0.0]
 
 
-def skewed_clock():  # 100 ms (rank 0) or 370 ms (rank 1) per call, whatever the real time
-    ticks[0] += 0.100 if rt.rank == 0 else 0.370
+def skewed_clock():  # 1 s (rank 0) or 3.7 s (rank 1) per call, whatever the real time
+    ticks[0] += 1.0 if rt.rank == 0 else 3.7
     return ticks[0]
 
 
@@ -85,7 +85,7 @@ json.dump({"steps": len(steps)}, open(f"rank{rt.rank}.json", "w"))
 
 
 def test_every_rank_stops_at_the_same_step_with_skewed_clocks(tiny_env, tmp_path):
-    env = dict(tiny_env, ITERATIONS="500", MAX_WALLCLOCK_SECONDS="3", GPTQ_RESERVE_MS="0", WARMUP_STEPS="0",
+    env = dict(tiny_env, ITERATIONS="500", MAX_WALLCLOCK_SECONDS="6", GPTQ_RESERVE_MS="0", WARMUP_STEPS="0",
                TRAIN_LOG_EVERY="1000", WARMDOWN_ITERS="0")
     worker = tmp_path / "worker.py"
     worker.write_text(CLOCK_WORKER)

@@ -109,7 +109,7 @@ if [ "$1" = "-c" ] && [ "$2" = "import flash_attn_interface" ]; then exit 1; fi
 if [ "$1" = "-m" ] && [ "$2" = "torch.distributed.run" ]; then
   shift 2
   echo "FAKE_TORCHRUN $* DATA_PATH=$DATA_PATH TOKENIZER_PATH=$TOKENIZER_PATH VOCAB_SIZE=$VOCAB_SIZE" \
-    "SEED=$SEED RUN_ID=$RUN_ID"
+    "SEED=$SEED RUN_ID=$RUN_ID ALLOC=$PYTORCH_CUDA_ALLOC_CONF INDUCTOR=$TORCHINDUCTOR_CACHE_DIR"
   exit "${FAKE_RC:-0}"
 fi
 exec "%s" "$@"
@@ -163,6 +163,11 @@ def test_launch_passes_env_and_exit_code(fake_repo):
     logs = list((repo / "logs").glob("run_*.log"))
     assert len(logs) == 1 and "FAKE_TORCHRUN" in logs[0].read_text()
     assert f"RUN_ID={logs[0].stem}" in line  # the trainer's log is named like the launch log
+
+    # the allocator's expandable segments, and one compile cache per checkout (a second seed reuses it)
+    assert "ALLOC=expandable_segments:True" in line and f"INDUCTOR={repo}/.compile_cache/inductor" in line
+    r = run(repo / "run.sh", bindir, PYTORCH_CUDA_ALLOC_CONF="garbage_collection_threshold:0.8", **env)
+    assert "ALLOC=garbage_collection_threshold:0.8 " in r.stdout  # the user's own setting is kept
 
     r = run(repo / "run.sh", bindir, NPROC="2", FAKE_RC="5", **env)
     assert r.returncode == 5

@@ -71,14 +71,11 @@ def _brotli_decompress(data):
 
 _STUB_CALLS = {("base64", "b85decode"): base64.b85decode, ("base64", "b64decode"): base64.b64decode,
                ("lzma", "decompress"): lzma.decompress, ("brotli", "decompress"): _brotli_decompress}
-_B94 = "".join(chr(c) for c in range(32, 127) if c != 34)  # compress.py's b94 alphabet
-
-
-def _b94_decode(text, n):
-    """compress.py's b94: 11 characters of the alphabet carry 9 bytes, little-endian; the first n bytes."""
+def _b94_decode(data, n):
+    """compress.py's b94: 82 characters (bytes 32..126 but "'") carry 67 bytes, little-endian; the first n bytes."""
     out = bytearray()
-    for j in range(0, len(text), 11):
-        out += sum(_B94.index(c) * 94 ** i for i, c in enumerate(text[j:j + 11])).to_bytes(9, "little")
+    for j in range(0, len(data), 82):
+        out += sum((c - 32 - (c > 39)) * 94 ** i for i, c in enumerate(data[j:j + 82])).to_bytes(67, "little")
     return bytes(out[:n])
 
 
@@ -91,7 +88,7 @@ def _stub_eval(node):
     base64.b85decode / b64decode, lzma.decompress and ``"...".encode(codec)``; nothing else."""
     if isinstance(node, ast.Constant):
         return node.value
-    # the b94 decoder: (lambda D: ...)(r"...")[:n]
+    # the b94 decoder: (lambda d: ...)(br'''...''')[:n]
     if (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Call)
             and isinstance(node.value.func, ast.Lambda) and isinstance(node.slice, ast.Slice)):
         return _b94_decode(_stub_eval(node.value.args[0]), _stub_eval(node.slice.upper))
@@ -144,10 +141,18 @@ def _default(node):
     return ast.literal_eval(node.args[0] if isinstance(node, ast.Call) else node)
 
 
-def _is_presets(st) -> bool:
+def _module_values(tree):
+    """Every module-level assigned value, also those compress.py packed into one tuple assignment."""
+    for st in tree.body:
+        if isinstance(st, ast.Assign):
+            packed = isinstance(st.targets[0], ast.Tuple) and isinstance(st.value, ast.Tuple)
+            yield from st.value.elts if packed else [st.value]
+
+
+def _is_presets(value) -> bool:
     """PRESETS, whatever the minifier named it: the module-level dict with the 'seed' and 'record' rows."""
-    return (isinstance(st, ast.Assign) and isinstance(st.value, ast.Dict)
-            and {"seed", "record"} <= {k.value for k in st.value.keys if isinstance(k, ast.Constant)})
+    return (isinstance(value, ast.Dict)
+            and {"seed", "record"} <= {k.value for k in value.keys if isinstance(k, ast.Constant)})
 
 
 def script_defaults(path):
@@ -160,9 +165,9 @@ def script_defaults(path):
     defaults = {st.target.id: _default(st.value) for st in cls.body
                 if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name) and st.value is not None}
     presets = {}
-    for st in tree.body:
-        if _is_presets(st):
-            presets = {ast.literal_eval(k): _mapping(v) for k, v in zip(st.value.keys, st.value.values)}
+    for value in _module_values(tree):
+        if _is_presets(value):
+            presets = {ast.literal_eval(k): _mapping(v) for k, v in zip(value.keys, value.values)}
     return defaults, presets
 
 

@@ -4,7 +4,7 @@ GPTQ packing and score-first test-time training (LaCT); PRESET=record is the acc
 Sections, in data-flow order: config -> data -> bpb accounting -> model -> optimizers -> training ->
 quantization/packing -> eval -> test-time training -> main().  Every setting is an environment variable
 (see README.md).  Runs as `python3 train_gpt_human.py` or under `torchrun`, on CPU (float32, gloo) or CUDA
-(bf16, torch.compile, FlashAttention 3 or 4 when importable, else flex_attention / SDPA, NCCL).
+(bf16, torch.compile, FlashAttention-3 when it passes a probe, else flex_attention / SDPA, NCCL).
 """
 import concurrent.futures
 import copy

@@ -30,8 +30,10 @@ def fake_nvidia_smi(bindir: Path, stdout: str, rc: int = 0) -> Path:
 
 
 def run(script: Path, bindir: Path | None = None, cwd: Path | None = None, **env):
+    # the variables run.sh sets only when unset (torch itself sets TORCHINDUCTOR_CACHE_DIR in a process that compiled)
+    own = {"PYTORCH_CUDA_ALLOC_CONF", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"}
     e = {k: v for k, v in os.environ.items() if k not in {"SMOKE", "NPROC", "PREFLIGHT_ONLY", "CUDA_VISIBLE_DEVICES",
-                                                        "DATA_PATH", "TOKENIZER_PATH", "VOCAB_SIZE", "PYTHON"}}
+                                                        "DATA_PATH", "TOKENIZER_PATH", "VOCAB_SIZE", "PYTHON"} | own}
     if bindir is not None:
         e["PATH"] = f"{bindir}{os.pathsep}{e.get('PATH', '')}"
     e.update(env)

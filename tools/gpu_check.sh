@@ -2,7 +2,7 @@
 # The one-GPU check (tools/gpu_check.py): train_gpt.py itself, short, part by part, in one call of at most 8 minutes.
 #   bash tools/gpu_check.sh OUT [gpu_check.py options]         full size on one CUDA GPU
 #   bash tools/gpu_check.sh --cpu OUT [gpu_check.py options]   a tiny model on the CPU (CI: the same driver)
-# First the wheels in .whl/ (brotli, flash-attn-4 and its dependencies): their sizes and total against the 64 MiB a
+# First the wheels in .whl/ (brotli; FlashAttention-3 when a wheel fits): their sizes and total against the 64 MiB a
 # device call can carry (over it: exit 2 before anything starts); at full size they are installed offline, one at a
 # time, never from the network; a failure is logged (OUT/install.log, OUT/install.tsv), not fatal.  OUT/compile_cache
 # (every part's compile caches) is removed at the end unless GPU_CHECK_KEEP_CACHE=1, so what a call brings back stays

@@ -95,3 +95,17 @@ def test_every_rank_stops_at_the_same_step_with_skewed_clocks(tiny_env, tmp_path
     assert steps[0] == steps[1] and 10 < steps[0] < 500, steps
     stop = [line for line in out.splitlines() if "stopping_early" in line]
     assert len(stop) == 1 and f"last_step:{steps[0]}/500" in stop[0], stop
+
+
+def test_every_rank_compiles_the_seeds_chunk_ttt_before_the_eval_clock(tiny_env, tmp_path):
+    """The seed's chunk TTT (LaCT) on 2 ranks: scoring windows and the padded per-rank training step are compiled
+    by the warm-up on every rank; the timed eval over 40 documents compiles nothing more."""
+    env = dict(tiny_env, PRESET="seed", EVAL_BATCH_SEQS="4", TTT_CHUNK_TOKENS="512", DEVICE="cpu", RUN_ID="ranks",
+               PYTHONPATH=f"{tiny_env['PYTHONPATH']}:{REPO / 'tests'}")
+    worker = tmp_path / "worker.py"
+    worker.write_text(WARM_WORKER)
+    rc, out = run_script(worker, env, tmp_path, nproc=2, timeout=400)
+    assert rc == 0, out[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["after"] - r["warmed"] for r in ranks] == [0, 0] and all(r["warmed"] >= 2 for r in ranks), ranks
+    assert ranks[0]["adapted"] == ranks[0]["batches"] - 1 > 0  # every chunk but the last adapted

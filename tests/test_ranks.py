@@ -29,11 +29,22 @@ tables = tg.ByteTables(torch.ones(1024, dtype=torch.long), torch.zeros(1024, dty
 graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
 prior = tg.warm_up_ttt(ttt_model, hp, rt, tables)
 warmed = graphs()
+rates, plain_batch = [], tg.score_doc_batch
+
+
+def timed_batch(model, lora, tokens, docs, hp, *args):  # seconds per row-token of each timed batch, in order
+    t0 = time.perf_counter()
+    out = plain_batch(model, lora, tokens, docs, hp, *args)
+    rates.append((time.perf_counter() - t0) / tg.doc_batch_cost(docs, hp))
+    return out
+
+
+tg.score_doc_batch = timed_batch
 parts = [torch.cat([torch.tensor([tg.BOS_ID]), torch.randint(2, 1024, (n - 1,), generator=g)])
          for n in torch.randint(10, 400, (40,), generator=g).tolist()]
 tokens = torch.cat(parts + [torch.tensor([tg.BOS_ID])])
 result = tg.eval_ttt(ttt_model, tokens, hp, rt, tables, time.perf_counter(), prior)
-json.dump({"warmed": warmed, "after": graphs(), "adapted": result[2], "batches": result[3]},
+json.dump({"warmed": warmed, "after": graphs(), "adapted": result[2], "batches": result[3], "rates": rates},
           open(f"rank{rt.rank}.json", "w"))
 '''
 
@@ -56,6 +67,11 @@ def test_every_rank_compiles_its_ttt_graphs_before_the_eval_clock(tiny_env, tmp_
     assert [r["after"] - r["warmed"] for r in ranks] == [0] * nproc, ranks
     assert all(r["warmed"] >= 4 for r in ranks)  # the graphs exist: adapter steps, global phase, no-grad tail
     assert ranks[0]["adapted"] == ranks[0]["batches"] == 10  # 40 documents in batches of 4, all adapted
+    # each rank's first timed batch costs per row-token what its later ones cost (a compile would make it many
+    # times dearer; 3x leaves room for a shared 2-core machine's noise)
+    for r in ranks:
+        later = sorted(r["rates"][1:])
+        assert later and r["rates"][0] < 3 * later[len(later) // 2], r["rates"]
 
 
 # train() on every rank with its own clock running at its own speed: rank 0's clock, shared every CLOCK_EVERY

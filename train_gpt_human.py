@@ -434,12 +434,9 @@ class DistributedTokenLoader:
         if seq_len != self.seq_len:  # prepared before a TRAIN_SEQ_SCHEDULE switch: the same tokens, cut anew
             chunk, cuts, seq_len = self.host_batch(accum, self.seq_len, chunk)
         shape = (1, -1) if self.hp.doc_isolation else (-1, seq_len)
-        x, y, segments = device_batch(chunk[:-1].view(shape), chunk[1:].view(shape), self.device,
-                                      seq_len * self.hp.doc_isolation, cuts)
-        # FlashAttention's max_seqlen bound to the longest stage: one graph for all
-        if isinstance(segments, tuple):
-            segments = (segments[0], self.hp.train_seq_len)
-        return x, y, segments
+        # the segments are cut at seq_len; FlashAttention's max_seqlen is the longest stage's: one graph for all
+        return device_batch(chunk[:-1].view(shape), chunk[1:].view(shape), self.device,
+                            self.hp.train_seq_len * self.hp.doc_isolation, cuts)
 
 
 def doc_segments(ids, max_len):

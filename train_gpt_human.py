@@ -434,7 +434,7 @@ class DistributedTokenLoader:
         if seq_len != self.seq_len:  # prepared before a TRAIN_SEQ_SCHEDULE switch: the same tokens, cut anew
             chunk, cuts, seq_len = self.host_batch(accum, self.seq_len, chunk)
         shape = (1, -1) if self.hp.doc_isolation else (-1, seq_len)
-        # the segments are cut at seq_len; FlashAttention's max_seqlen is the longest stage's: one graph for all
+        # segments cut at seq_len; FlashAttention's max_seqlen is the longest stage's: one graph for all
         return device_batch(chunk[:-1].view(shape), chunk[1:].view(shape), self.device,
                             self.hp.train_seq_len * self.hp.doc_isolation, cuts)
 
